@@ -1,0 +1,89 @@
+"""The `press-play` command: generate, chat, eval, and a tour of the default model with no arguments.
+
+Commands stay thin (parse, call omni_model, render); each lives in its own module and is registered
+here. `DEFAULT_ACTION` is what a bare `press-play` runs, kept as one name so it is easy to swap.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+
+from press_play.chat_cmd import chat
+from press_play.common import out, reporting_errors
+from press_play.eval_cmd import eval_app
+from press_play.generate_cmd import generate
+from press_play.tour import run_tour
+
+DEFAULT_ACTION: Callable[[], None] = run_tour
+
+app = typer.Typer(
+    name="press-play",
+    help="OmniCoder's press-play: run, chat with and evaluate small on-device language models.\n\n"
+    "With no command, takes a short tour of the default model (smollm2-135m-instruct).",
+    invoke_without_command=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command()(generate)
+app.command()(chat)
+app.add_typer(eval_app, name="eval")
+
+
+def _installed_versions() -> list[tuple[str, str]]:
+    """(name, version) of every installed omni-* distribution and press-play, sorted by name."""
+    found: dict[str, str] = {}
+    for dist in md.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name.startswith("omni-") or name == "press-play":
+            found[name] = dist.version
+    return sorted(found.items())
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    for name, version in _installed_versions():
+        out.print(f"{name} {version}", highlight=False)
+    raise typer.Exit()
+
+
+def _all_cores() -> int:
+    # The cores this process may run on (a container or taskset may allow fewer than cpu_count).
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="CPU threads for torch. [dim]Default: all cores.[/dim]"),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Show the versions of every omni-* package and exit.",
+        ),
+    ] = False,
+) -> None:
+    """OmniCoder's press-play: run, chat with and evaluate small on-device language models."""
+    import torch
+
+    torch.set_num_threads(threads or _all_cores())
+    if ctx.invoked_subcommand is None:
+        with reporting_errors():
+            DEFAULT_ACTION()
+
+
+def main() -> None:
+    app()

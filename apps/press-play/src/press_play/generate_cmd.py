@@ -1,0 +1,91 @@
+"""`press-play generate`: stream a completion of one prompt, then its speed on stderr.
+
+The sampling options are defined once here as Annotated aliases and shared with `chat`. Defaults are
+the SmolLM2 model card's (temperature 0.2, top-p 0.9); --temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from omni_model.sampling import SamplingConfig
+from omni_model.zoo import DEFAULT_MODEL
+from press_play.common import err, load_model, reporting_errors
+
+if TYPE_CHECKING:
+    from omni_model.generate import GenerationResult
+    from omni_model.loader import LoadedModel
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Hugging Face folder, .gguf file or zoo name.")]
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.")]
+TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 is off.")]
+TopP = Annotated[
+    float, typer.Option("--top-p", help="Keep the most likely tokens up to this total probability; 1 is off.")
+]
+MinP = Annotated[
+    float,
+    typer.Option("--min-p", help="Drop tokens below this fraction of the top token's probability; 0 is off."),
+]
+RepetitionPenalty = Annotated[
+    float,
+    typer.Option("--repetition-penalty", help="Penalize tokens already in the prompt or output; 1 is off."),
+]
+Seed = Annotated[
+    int | None, typer.Option("--seed", help="Seed for sampling; the same seed gives the same text.")
+]
+
+
+def write(text: str) -> None:
+    """Stream text to stdout as is (no markup, no wrapping)."""
+    typer.echo(text, nl=False)
+
+
+def stats_line(r: GenerationResult) -> str:
+    return (f"{r.n_generated} tokens, {r.decode_tokens_per_second:.1f} tok/s decode, "
+            f"prompt {r.n_prompt} tokens in {r.prefill_seconds:.2f}s, finish: {r.finish_reason}")  # fmt: skip
+
+
+def chat_prompt(lm: LoadedModel, messages: list[dict[str, str]]) -> str:
+    return lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def stream_reply(lm: LoadedModel, prompt: str, config: SamplingConfig) -> GenerationResult:
+    """Generate from a text prompt, streaming to stdout; end the line and print speed on stderr."""
+    from omni_model.generate import generate_text
+
+    result = generate_text(lm, prompt, config, on_text=write)
+    write("\n")
+    err.print(f"[dim]{stats_line(result)}[/dim]", soft_wrap=True)
+    return result
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt text.")],
+    model: Model = DEFAULT_MODEL,
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.2,
+    top_k: TopK = 0,
+    top_p: TopP = 0.9,
+    min_p: MinP = 0.0,
+    repetition_penalty: RepetitionPenalty = 1.0,
+    seed: Seed = None,
+    stop: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop when the text contains this string (repeatable).")
+    ] = None,
+    chat: Annotated[
+        bool,
+        typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template, or send it as is."),
+    ] = True,
+) -> None:
+    """Generate text from a prompt, streamed to stdout; tokens/s goes to stderr."""
+    with reporting_errors():
+        config = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop or ()),
+        )  # fmt: skip
+        lm, _ = load_model(model)
+        text = chat_prompt(lm, [{"role": "user", "content": prompt}]) if chat else prompt
+        stream_reply(lm, text, config)

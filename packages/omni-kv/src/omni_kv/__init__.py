@@ -1,0 +1,11 @@
+"""KV caches for OmniCoder decoders.
+
+The cache is an argument of the model's forward (as in mlx-lm and nanochat), never state hidden in a
+layer. Every cache kind implements the `KVCache` protocol; attention calls `update` once per layer
+and the decoder calls `advance` once per forward.
+"""
+
+from omni_kv.dense import DenseKVCache
+from omni_kv.protocol import CacheFullError, KVCache, KVCacheError
+
+__all__ = ["CacheFullError", "DenseKVCache", "KVCache", "KVCacheError"]

@@ -1,0 +1,126 @@
+"""Model configuration: architecture only, as frozen dataclasses validated on construction.
+
+One decoder family covers Llama, Mistral, Qwen2, Qwen3 and SmolLM checkpoints; their differences
+(qkv bias, q/k norm, sliding windows, RoPE scaling, tied head) are fields here, never branches on a
+model's name. Export, quantization and runtime knobs live with the packages that own them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from omni_model.errors import ConfigError
+
+RopeType = Literal["default", "linear", "dynamic", "yarn", "llama3"]
+
+
+def _positive(name: str, value: float | int | None, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value is None or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding: base frequency and the scaling variant of long-context checkpoints."""
+
+    theta: float = 10000.0
+    type: RopeType = "default"
+    factor: float = 1.0
+    # llama3: the band between low and high frequency wavelengths is interpolated smoothly.
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn / llama3 / dynamic: the context length the base model was trained at.
+    original_max_position: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # yarn: cos/sin scale; None derives it from factor
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.type not in ("default", "linear", "dynamic", "yarn", "llama3"):
+            raise ConfigError(f"rope.type must be one of default, linear, dynamic, yarn, llama3; got {self.type!r}")
+        _positive("rope.theta", self.theta)
+        _positive("rope.factor", self.factor)
+        _positive("rope.original_max_position", self.original_max_position, optional=True)
+        if self.type in ("yarn", "llama3") and self.original_max_position is None:
+            raise ConfigError(f"rope.original_max_position is required for rope.type={self.type!r}")
+        if self.type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ConfigError(
+                f"rope.high_freq_factor ({self.high_freq_factor}) must exceed rope.low_freq_factor "
+                f"({self.low_freq_factor}) > 0"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # < n_heads: grouped-query attention
+    ffn_dim: int
+    head_dim: int | None = None  # None: dim // n_heads
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
+    sliding_window: int | None = None  # Mistral, Qwen2: attend to at most this many past positions
+    sliding_layers: tuple[int, ...] | None = None  # layers that use the window; None: all of them
+    attention_scale: float | None = None  # None: 1/sqrt(head_dim)
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        _positive("head_dim", self.head_dim, optional=True)
+        _positive("norm_eps", self.norm_eps)
+        _positive("sliding_window", self.sliding_window, optional=True)
+        _positive("attention_scale", self.attention_scale, optional=True)
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads}) when head_dim is unset")
+        if self.head_size % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_size}")
+        if self.sliding_layers is not None:
+            bad = [i for i in self.sliding_layers if not 0 <= i < self.n_layers]
+            if bad:
+                raise ConfigError(f"sliding_layers holds layer indices outside 0..{self.n_layers - 1}: {bad}")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < self.vocab_size:
+                raise ConfigError(f"{name} ({v}) is outside the vocabulary (0..{self.vocab_size - 1})")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of one layer, or None for full attention."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_layers is None or layer in self.sliding_layers:
+            return self.sliding_window
+        return None
+
+    def n_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        d, dh = self.dim, self.head_size
+        attn = d * dh * (self.n_heads * 2 + self.n_kv_heads * 2)
+        if self.qkv_bias:
+            attn += dh * (self.n_heads + 2 * self.n_kv_heads)
+        if self.qk_norm:
+            attn += 2 * dh
+        layer = attn + 3 * d * self.ffn_dim + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.n_layers * layer + emb + d

@@ -1,0 +1,123 @@
+"""`load(source)`: a Hugging Face folder, a GGUF file or a zoo name -> config, model and tokenizer.
+
+Weights are checked against the config before they touch the model: a missing, unexpected or
+wrongly shaped tensor is a CheckpointError naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from omni_model.checkpoint.gguf import config_from_gguf, gguf_state_dict
+from omni_model.checkpoint.gguf_file import is_gguf, read_gguf
+from omni_model.checkpoint.hf import config_from_hf, hf_state_dict, read_json
+from omni_model.config import ModelConfig
+from omni_model.decoder import Decoder
+from omni_model.errors import CheckpointError, ConfigError
+from omni_model.tokenizer import Tokenizer
+from omni_model.zoo import ZOO, resolve
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: Decoder
+    tokenizer: Tokenizer
+    source: str
+
+
+def load(source: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model for inference (eval mode) from a folder, a .gguf file or a zoo name."""
+    path = Path(source)
+    if not path.exists():
+        if isinstance(source, str) and source in ZOO:
+            path = resolve(source)
+        elif isinstance(source, str) and "/" not in source and not source.endswith((".gguf", ".safetensors")):
+            resolve(source)  # raises: unknown zoo name, listing the known ones
+        else:
+            raise CheckpointError(f"{source}: no such file or folder")
+    if path.is_dir():
+        cfg, state, tok = _from_folder(path)
+    elif is_gguf(path):
+        g = read_gguf(path)
+        cfg = config_from_gguf(g)
+        tok = Tokenizer.from_gguf_metadata(g.metadata, path)
+        state = gguf_state_dict(g, cfg)
+    elif path.suffix == ".safetensors":
+        raise CheckpointError(f"{path}: a bare safetensors file has no config; pass its folder (with config.json)")
+    else:
+        raise CheckpointError(f"{path}: neither a GGUF file nor a folder with config.json and safetensors")
+    model = build(cfg, state, path, dtype)
+    return LoadedModel(cfg, model, tok, str(source))
+
+
+def _from_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json")
+    try:
+        cfg = config_from_hf(read_json(cfg_path))
+    except ConfigError as e:
+        raise ConfigError(f"{cfg_path}: {e}") from None
+    except CheckpointError as e:
+        raise type(e)(f"{cfg_path}: {e}") from None
+    tok = Tokenizer.from_hf_folder(folder)
+    return cfg, hf_state_dict(folder), tok
+
+
+def build(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: Path, dtype: torch.dtype) -> Decoder:
+    """Instantiate the decoder and fill it with `state`, checking every name and shape first."""
+    _check_sizes(cfg, state, origin)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)  # some tied checkpoints still store a copy
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{origin}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{origin}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise CheckpointError(
+                f"{origin}: tensor {name!r} has shape {tuple(state[name].shape)}, the config implies {tuple(shape)}"
+            )
+        if not state[name].is_floating_point():
+            raise CheckpointError(f"{origin}: tensor {name!r} has non-float dtype {state[name].dtype}")
+    model = model.to_empty(device="cpu")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope = type(model.rope)(cfg.rope, cfg.head_size, model.rope.max_position)  # buffers were on meta
+    return model.to(dtype).eval()
+
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def _check_sizes(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: Path) -> None:
+    """Bound the config by the weights before a model is built from it, even on the meta device.
+
+    A corrupted or hostile size (a billion layers, a 2^62-row embedding) would otherwise hang while
+    building the blocks or overflow int64 inside torch; the weights themselves are bounded by the file.
+    """
+    layers = {int(m.group(1)) for name in state if (m := _LAYER.match(name))}
+    if cfg.n_layers > len(layers):
+        first = next(i for i in range(cfg.n_layers) if i not in layers)
+        raise CheckpointError(
+            f"{origin}: missing tensor 'layers.{first}.*': the config has {cfg.n_layers} layers, "
+            f"the weights {len(layers)}"
+        )
+    held = sum(t.numel() for t in state.values())
+    if cfg.n_params() > max(held, 2**40):  # below 2^40 the meta model is cheap and names the tensor
+        raise CheckpointError(
+            f"{origin}: the config implies {cfg.n_params():,} parameters but the weights hold {held:,}: "
+            "the tensor shapes do not match the config"
+        )
