@@ -36,22 +36,24 @@ def pair(request, tmp_path_factory):
     kind, overrides = CASES[request.param]
     folder = tmp_path_factory.mktemp(request.param)
     ref = save_tiny(kind, folder, **overrides)
-    return request.param, ref, omni_model.load(folder)
+    return request.param, ref, omni_model.load(folder), omni_model.load(folder, fuse=False)
 
 
-def test_logits_match_transformers(pair):
-    name, ref, ours = pair
+@pytest.mark.parametrize("form", ["fused", "plain"])
+def test_logits_match_transformers(pair, form):
+    name, ref, fused, plain = pair
+    ours = fused if form == "fused" else plain
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(ids).logits
         got = ours.model(ids)
     assert got.dtype == torch.float32 and got.shape == (2, SEQ, VOCAB)
     err = (got - expected).abs().max().item()
-    assert err <= 1e-4, f"{name}: max |logits difference| {err:.2e}"
+    assert err <= 1e-4, f"{name} ({form}): max |logits difference| {err:.2e}"
 
 
 def test_cached_decode_equals_full_forward(pair):
-    name, _, ours = pair
+    name, _, ours, _ = pair
     if name == "llama-rope-dynamic":
         # Dynamic NTK re-derives frequencies from the running length, so keys cached at a shorter
         # length were rotated differently: no cache can equal the full forward past the trained
@@ -71,7 +73,7 @@ def test_cached_decode_equals_full_forward(pair):
 
 
 def test_config_mapping(pair):
-    name, ref, ours = pair
+    name, ref, ours, _ = pair
     c, r = ours.config, ref.config
     assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads) == (r.hidden_size, r.num_hidden_layers,
                                                              r.num_attention_heads, r.num_key_value_heads)  # fmt: skip

@@ -16,6 +16,24 @@ from omni_model.config import ModelConfig
 from omni_model.rope import apply_rope
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """Attention of q (B, H, T, Dh) over k, v (B, Hkv, S, Dh); mask (T, S) bool or None (causal)."""
+    b, h, t, dh = q.shape
+    n_kv = k.shape[1]
+    if t == 1 and mask is None:
+        # One new token. SDPA's CPU kernels cost milliseconds here (they are tiled for long
+        # sequences); two small matmuls cost microseconds. The g query heads sharing a kv head are
+        # folded into one matrix, so each cached k/v is read once, not from g repeated copies.
+        qg = q.view(b, n_kv, h // n_kv, dh)  # (B, Hkv, G, Dh)
+        scores = torch.matmul(qg, k.transpose(2, 3))  # (B, Hkv, G, S)
+        if scale != 1.0:
+            scores = scores * scale
+        return torch.matmul(scores.softmax(dim=-1), v).view(b, h, 1, dh)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=h != n_kv
+    )
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -51,24 +69,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, Dh)
-        return self.o_proj(self._attend(q, k, v, mask).transpose(1, 2).reshape(b, t, -1))
-
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        b, h, t, dh = q.shape
-        if t == 1 and mask is None:
-            # One new token. SDPA's CPU kernels cost milliseconds here (they are tiled for long
-            # sequences); two small matmuls cost microseconds. The g query heads sharing a kv head are
-            # folded into one matrix, so each cached k/v is read once, not from g repeated copies.
-            g = h // self.n_kv_heads
-            qg = q.view(b, self.n_kv_heads, g, dh)  # (B, Hkv, G, Dh)
-            scores = torch.matmul(qg, k.transpose(2, 3)) * self.scale  # (B, Hkv, G, S)
-            out = torch.matmul(scores.softmax(dim=-1), v)  # (B, Hkv, G, Dh)
-            return out.view(b, h, 1, dh)
-        causal = mask is None and t > 1
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=h != self.n_kv_heads
-        )
-
+        return self.o_proj(attend(q, k, v, mask, self.scale).transpose(1, 2).reshape(b, t, -1))
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:

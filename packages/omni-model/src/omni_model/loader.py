@@ -18,6 +18,7 @@ from omni_model.checkpoint.hf import config_from_hf, hf_state_dict, read_json
 from omni_model.config import ModelConfig
 from omni_model.decoder import Decoder
 from omni_model.errors import CheckpointError, ConfigError
+from omni_model.fused import fuse_for_inference
 from omni_model.tokenizer import Tokenizer
 from omni_model.zoo import ZOO, resolve
 
@@ -30,8 +31,12 @@ class LoadedModel:
     source: str
 
 
-def load(source: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model for inference (eval mode) from a folder, a .gguf file or a zoo name."""
+def load(source: str | Path, *, dtype: torch.dtype = torch.float32, fuse: bool = True) -> LoadedModel:
+    """Load a model in eval mode from a folder, a .gguf file or a zoo name.
+
+    `fuse=True` (the default) returns the fast inference form (`omni_model.fused`); `fuse=False`
+    the plain decoder whose module names match the checkpoint, for training and export.
+    """
     path = Path(source)
     if not path.exists():
         if isinstance(source, str) and source in ZOO:
@@ -52,6 +57,8 @@ def load(source: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedMod
     else:
         raise CheckpointError(f"{path}: neither a GGUF file nor a folder with config.json and safetensors")
     model = build(cfg, state, path, dtype)
+    if fuse:
+        model = fuse_for_inference(model)
     return LoadedModel(cfg, model, tok, str(source))
 
 
@@ -59,8 +66,9 @@ def _from_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], To
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{folder}: no config.json")
+    hf = read_json(cfg_path)  # its errors name the file already
     try:
-        cfg = config_from_hf(read_json(cfg_path))
+        cfg = config_from_hf(hf)
     except ConfigError as e:
         raise ConfigError(f"{cfg_path}: {e}") from None
     except CheckpointError as e:
@@ -72,8 +80,7 @@ def _from_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], To
 def build(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: Path, dtype: torch.dtype) -> Decoder:
     """Instantiate the decoder and fill it with `state`, checking every name and shape first."""
     _check_sizes(cfg, state, origin)
-    with torch.device("meta"):
-        model = Decoder(cfg)
+    model = Decoder(cfg)  # on the CPU: a first use of the meta device costs seconds of imports
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")
@@ -91,11 +98,9 @@ def build(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: Path, dtype:
             )
         if not state[name].is_floating_point():
             raise CheckpointError(f"{origin}: tensor {name!r} has non-float dtype {state[name].dtype}")
-    model = model.to_empty(device="cpu")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rope = type(model.rope)(cfg.rope, cfg.head_size, model.rope.max_position)  # buffers were on meta
     return model.to(dtype).eval()
 
 
@@ -103,10 +108,11 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 def _check_sizes(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: Path) -> None:
-    """Bound the config by the weights before a model is built from it, even on the meta device.
+    """Bound the config by the weights before a model is built from it.
 
-    A corrupted or hostile size (a billion layers, a 2^62-row embedding) would otherwise hang while
-    building the blocks or overflow int64 inside torch; the weights themselves are bounded by the file.
+    A corrupted or hostile size (a billion layers, a 2^31-row embedding) would otherwise hang while
+    building the blocks, allocate far more memory than the file holds, or overflow int64 inside torch;
+    the weights themselves are bounded by the file.
     """
     layers = {int(m.group(1)) for name in state if (m := _LAYER.match(name))}
     if cfg.n_layers > len(layers):
@@ -116,7 +122,8 @@ def _check_sizes(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: Path)
             f"the weights {len(layers)}"
         )
     held = sum(t.numel() for t in state.values())
-    if cfg.n_params() > max(held, 2**40):  # below 2^40 the meta model is cheap and names the tensor
+    # Within 2x, building the model costs little and the checks that follow name the tensor.
+    if cfg.n_params() > 2 * held:
         raise CheckpointError(
             f"{origin}: the config implies {cfg.n_params():,} parameters but the weights hold {held:,}: "
             "the tensor shapes do not match the config"

@@ -42,7 +42,9 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     if isinstance(m.get(f"{arch}.attention.head_count"), list):
         raise UnsupportedArchitectureError(f"{g.path}: per-layer head counts are not supported")
     if "rope_freqs.weight" in g.tensors:
-        raise UnsupportedArchitectureError(f"{g.path}: per-frequency RoPE factors (rope_freqs) are not supported")
+        raise UnsupportedArchitectureError(
+            f"{g.path}: per-frequency RoPE factors (rope_freqs) are not supported"
+        )
 
     def get(key: str, default: Any = None, required: bool = True) -> Any:
         return _number(g, f"{arch}.{key}", default, required)

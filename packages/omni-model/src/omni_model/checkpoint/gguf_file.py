@@ -126,7 +126,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
         raise CheckpointError(f"{path}: truncated or corrupt GGUF: {e}") from None
     except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError, TypeError, MemoryError) as e:
         # Names read from the file (keys, tensors) may hold newlines; the message stays one line.
-        raise CheckpointError(f"{path}: corrupt GGUF: {type(e).__name__}: {' '.join(str(e).split())}") from None
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: corrupt GGUF: {type(e).__name__}: {reason}") from None
     for t in tensors.values():
         if t.data_offset + t.n_bytes > len(reader.data):
             raise CheckpointError(f"{path}: tensor {t.name!r} runs past the end of the file (truncated?)")

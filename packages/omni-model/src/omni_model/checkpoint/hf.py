@@ -42,7 +42,8 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a JSON object, got {_short(value)}")
     params = {**scaling, **params}
-    theta = _positive({"rope_theta": params.get("rope_theta", hf.get("rope_theta", 10000.0))}, "rope_theta", float)
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = _positive({"rope_theta": theta}, "rope_theta", float)
     kind = params.get("rope_type", params.get("type", "default"))
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UnsupportedArchitectureError("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
@@ -68,6 +69,7 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
 
 
 _REQUIRED = object()
+_MAX_LISTED_LAYERS = 2**16  # far beyond any real checkpoint
 
 
 def _positive(hf: dict[str, Any], key: str, kind: type = int, default: Any = _REQUIRED) -> Any:
@@ -114,6 +116,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             sliding_layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
         elif window is not None and kind in ("qwen2", "qwen3"):
             first = hf.get("max_window_layers", n_layers)
+            if n_layers > _MAX_LISTED_LAYERS:  # the tuple below would take memory and time per layer
+                raise ConfigError(f"num_hidden_layers must be at most {_MAX_LISTED_LAYERS:,}, got {n_layers:,}")
             sliding_layers = tuple(range(first, n_layers))
         return ModelConfig(
             vocab_size=_positive(hf, "vocab_size"),

@@ -1,0 +1,99 @@
+"""The decoder's inference form for CPUs: fused projections, folded gains, oneDNN linears.
+
+Decoding one token reads every weight once and runs a few dozen small ops per layer, so on a CPU it
+is bound by how fast the matmuls stream weights and by per-op overhead. `fuse_for_inference`
+rewrites a loaded `Decoder` in place (an nn.Module -> nn.Module transform, applied from outside):
+- q/k/v become one projection and gate/up another: fewer, larger matmuls;
+- each RMSNorm gain is folded into the columns of the projection that reads it, and the attention
+  scale into q's rows (or q_norm's gain), so those multiplications disappear;
+- linears go through oneDNN where this PyTorch build has it: on the machines of BENCHMARKS.md its
+  matrix-vector product streams weights about twice as fast as the BLAS behind `F.linear`.
+Logits equal the plain decoder's within float32 rounding (tests hold them to 1e-4). The result is
+for inference only: module names no longer match checkpoints, so train or export the plain form.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omni_kv import KVCache
+from omni_model.decoder import Decoder
+from omni_model.layers import Block, attend
+from omni_model.rope import apply_rope
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """x @ w.T + b, through oneDNN for float32/bfloat16 CPU tensors when available."""
+    if _ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16):
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
+class Linear(nn.Module):
+    """A bias-optional linear layer that runs through `linear`; can share its weight (tied heads)."""
+
+    def __init__(self, weight: Tensor | nn.Parameter, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class FusedBlock(nn.Module):
+    """A Block with fused q/k/v and gate/up projections and its norm gains folded into them."""
+
+    def __init__(self, block: Block) -> None:
+        super().__init__()
+        a, mlp = block.self_attn, block.mlp
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = a.layer, a.n_heads, a.n_kv_heads, a.head_dim
+        self.eps_attn, self.eps_mlp = block.input_layernorm.eps, block.post_attention_layernorm.eps
+        g_attn, g_mlp = block.input_layernorm.weight, block.post_attention_layernorm.weight
+        q_w, q_b = a.q_proj.weight, a.q_proj.bias
+        self.q_norm, self.k_norm = a.q_norm, a.k_norm
+        if self.q_norm is not None:  # Qwen3: the scale goes into q_norm's gain (RoPE is linear)
+            self.q_norm.weight.data.mul_(a.scale)
+        else:
+            q_w, q_b = q_w * a.scale, None if q_b is None else q_b * a.scale
+        w = torch.cat([q_w, a.k_proj.weight, a.v_proj.weight]) * g_attn  # (H+2Hkv)*Dh rows, D columns
+        b = None if q_b is None else torch.cat([q_b, a.k_proj.bias, a.v_proj.bias])
+        self.qkv_proj = Linear(w.contiguous(), b)
+        self.o_proj = Linear(a.o_proj.weight.data)
+        self.gate_up_proj = Linear((torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * g_mlp).contiguous())
+        self.down_proj = Linear(mlp.down_proj.weight.data)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None) -> Tensor:
+        b, t, d = x.shape
+        h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv_proj(F.rms_norm(x, (d,), None, self.eps_attn))
+        qkv = qkv.view(b, t, h + 2 * hkv, dh).transpose(1, 2)  # (B, H+2Hkv, T, Dh)
+        v = qkv[:, h + hkv :]
+        if self.q_norm is not None and self.k_norm is not None:
+            q = apply_rope(self.q_norm(qkv[:, :h]), cos, sin)
+            k = apply_rope(self.k_norm(qkv[:, h : h + hkv]), cos, sin)
+        else:
+            qk = apply_rope(qkv[:, : h + hkv], cos, sin)  # q and k rotated in one pass
+            q, k = qk[:, :h], qk[:, h:]
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, Dh)
+        x = x + self.o_proj(attend(q, k, v, mask, 1.0).transpose(1, 2).reshape(b, t, h * dh))
+        gate, up = self.gate_up_proj(F.rms_norm(x, (d,), None, self.eps_mlp)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+@torch.no_grad()
+def fuse_for_inference(model: Decoder) -> Decoder:
+    """Rewrite `model` into its CPU inference form (in place); returns it, in eval mode."""
+    for i, block in enumerate(model.layers):
+        if isinstance(block, Block):
+            model.layers[i] = FusedBlock(block)
+    if isinstance(model.lm_head, nn.Linear):
+        model.lm_head = Linear(model.lm_head.weight, model.lm_head.bias)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
