@@ -6,8 +6,9 @@ rewrites a loaded `Decoder` in place (an nn.Module -> nn.Module transform, appli
 - q/k/v become one projection and gate/up another: fewer, larger matmuls;
 - each RMSNorm gain is folded into the columns of the projection that reads it, and the attention
   scale into q's rows (or q_norm's gain), so those multiplications disappear;
-- linears go through oneDNN where this PyTorch build has it: on the machines of BENCHMARKS.md its
-  matrix-vector product streams weights about twice as fast as the BLAS behind `F.linear`.
+- linears go through `omni_kernels.linear_f32`: a native matrix-vector kernel for one decoded
+  token and oneDNN for prompts; on the machine of BENCHMARKS.md they stream weights two to three
+  times as fast as the BLAS behind `F.linear`.
 Logits equal the plain decoder's within float32 rounding (tests hold them to 1e-4). The result is
 for inference only: module names no longer match checkpoints, so train or export the plain form.
 """
@@ -18,19 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from omni_kernels import linear_f32 as linear
 from omni_kv import KVCache
 from omni_model.decoder import Decoder
 from omni_model.layers import Block, attend
 from omni_model.rope import apply_rope
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-    """x @ w.T + b, through oneDNN for float32/bfloat16 CPU tensors when available."""
-    if _ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16):
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    return F.linear(x, w, b)
 
 
 class Linear(nn.Module):
