@@ -12,22 +12,33 @@ from torch import Tensor, nn
 
 from omni_kv import DenseKVCache, KVCache
 from omni_model.config import ModelConfig
-from omni_model.layers import Block, RMSNorm
+from omni_model.layers import Block, Embedding, Linear, RMSNorm
 from omni_model.rope import Rope
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, init: bool = True) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Tables cover the trained context; they grow on demand beyond it.
         self.rope = Rope(cfg.rope, cfg.head_size, min(cfg.max_seq_len, 8192))
+        if init:
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random weights as Llama-family checkpoints are initialised: N(0, std), zero biases."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
 
     def make_cache(self, batch_size: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> DenseKVCache:
         """A dense cache sized for this model (grows on demand when max_len is None)."""

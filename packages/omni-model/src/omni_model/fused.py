@@ -53,11 +53,11 @@ class FusedBlock(nn.Module):
             self.q_norm.weight.data.mul_(a.scale)
         else:
             q_w, q_b = q_w * a.scale, None if q_b is None else q_b * a.scale
-        w = torch.cat([q_w, a.k_proj.weight, a.v_proj.weight]) * g_attn  # (H+2Hkv)*Dh rows, D columns
+        w = torch.cat([q_w, a.k_proj.weight, a.v_proj.weight]).mul_(g_attn)  # (H+2Hkv)*Dh rows, D columns
         b = None if q_b is None else torch.cat([q_b, a.k_proj.bias, a.v_proj.bias])
-        self.qkv_proj = Linear(w.contiguous(), b)
+        self.qkv_proj = Linear(w, b)
         self.o_proj = Linear(a.o_proj.weight.data)
-        self.gate_up_proj = Linear((torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * g_mlp).contiguous())
+        self.gate_up_proj = Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).mul_(g_mlp))
         self.down_proj = Linear(mlp.down_proj.weight.data)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None) -> Tensor:

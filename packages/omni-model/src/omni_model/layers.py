@@ -16,6 +16,21 @@ from omni_model.config import ModelConfig
 from omni_model.rope import apply_rope
 
 
+class Linear(nn.Linear):
+    """nn.Linear with storage allocated but not initialised: `Decoder.init_weights` or a checkpoint
+    fills it. Loading a checkpoint then never touches (nor makes resident) a throwaway random init."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding, uninitialised like `Linear`."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """Attention of q (B, H, T, Dh) over k, v (B, Hkv, S, Dh); mask (T, S) bool or None (causal)."""
     b, h, t, dh = q.shape
@@ -51,10 +66,10 @@ class Attention(nn.Module):
         self.window = cfg.window_of(layer)
         self.scale = cfg.attention_scale or self.head_dim**-0.5
         d, dh = cfg.dim, self.head_dim
-        self.q_proj = nn.Linear(d, cfg.n_heads * dh, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * dh, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * dh, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * dh, d, bias=False)
+        self.q_proj = Linear(d, cfg.n_heads * dh, bias=cfg.qkv_bias)
+        self.k_proj = Linear(d, cfg.n_kv_heads * dh, bias=cfg.qkv_bias)
+        self.v_proj = Linear(d, cfg.n_kv_heads * dh, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.n_heads * dh, d, bias=False)
         self.q_norm = RMSNorm(dh, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(dh, cfg.norm_eps) if cfg.qk_norm else None
 
@@ -74,9 +89,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

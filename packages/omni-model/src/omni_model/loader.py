@@ -52,11 +52,13 @@ def load(source: str | Path, *, dtype: torch.dtype = torch.float32, fuse: bool =
         cfg = config_from_gguf(g)
         tok = Tokenizer.from_gguf_metadata(g.metadata, path)
         state = gguf_state_dict(g, cfg)
+        del g  # the memory-mapped file and its parsed metadata are no longer needed
     elif path.suffix == ".safetensors":
         raise CheckpointError(f"{path}: a bare safetensors file has no config; pass its folder (with config.json)")
     else:
         raise CheckpointError(f"{path}: neither a GGUF file nor a folder with config.json and safetensors")
     model = build(cfg, state, path, dtype)
+    del state  # the model holds the tensors now; fusing can free the plain ones block by block
     if fuse:
         model = fuse_for_inference(model)
     return LoadedModel(cfg, model, tok, str(source))
@@ -80,7 +82,8 @@ def _from_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], To
 def build(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: Path, dtype: torch.dtype) -> Decoder:
     """Instantiate the decoder and fill it with `state`, checking every name and shape first."""
     _check_sizes(cfg, state, origin)
-    model = Decoder(cfg)  # on the CPU: a first use of the meta device costs seconds of imports
+    # Uninitialised storage that `assign` replaces: it is never written, so never resident.
+    model = Decoder(cfg, init=False)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")
