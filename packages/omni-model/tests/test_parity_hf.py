@@ -52,8 +52,10 @@ def test_logits_match_transformers(pair, form):
     assert err <= 1e-4, f"{name} ({form}): max |logits difference| {err:.2e}"
 
 
-def test_cached_decode_equals_full_forward(pair):
-    name, _, ours, _ = pair
+@pytest.mark.parametrize("form", ["fused", "plain"])
+def test_cached_decode_equals_full_forward(pair, form):
+    name, _, fused, plain = pair
+    ours = fused if form == "fused" else plain
     if name == "llama-rope-dynamic":
         # Dynamic NTK re-derives frequencies from the running length, so keys cached at a shorter
         # length were rotated differently: no cache can equal the full forward past the trained
@@ -69,7 +71,7 @@ def test_cached_decode_equals_full_forward(pair):
         steps += [ours.model(ids[:, i : i + 1], cache=cache) for i in range(n_prompt, n_prompt + n_steps)]
     err = (torch.cat(steps, dim=1) - full).abs().max().item()
     assert cache.seq_len == n_prompt + n_steps
-    assert err <= 1e-4, f"{name}: cached decode differs from the full forward by {err:.2e}"
+    assert err <= 1e-4, f"{name} ({form}): cached decode differs from the full forward by {err:.2e}"
 
 
 def test_config_mapping(pair):
