@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from press_play import bench
+from press_play import bench, bench_worker
 from press_play.bench import END, START, BenchConfig, BenchReport, Stat
 
 
@@ -122,7 +122,7 @@ def test_weight_bytes_per_token_tied():
     head.weight = emb.weight
     model = torch.nn.ModuleDict({"emb": emb, "mid": torch.nn.Linear(8, 8, bias=False), "head": head})
     # The tied matrix is read whole by the head, plus one row by the lookup, plus the middle layer.
-    assert bench.weight_bytes_per_token(model, emb, head) == (100 * 8 + 8 + 8 * 8) * 4
+    assert bench_worker.weight_bytes_per_token(model, emb, head) == (100 * 8 + 8 + 8 * 8) * 4
 
 
 def test_prompt_ids(tiny_model_dir, text_file):
@@ -133,7 +133,7 @@ def test_prompt_ids(tiny_model_dir, text_file):
 
 
 def test_bandwidth_measures_something():
-    bw = bench.measure_bandwidth(mb=8, repeats=2)
+    bw = bench_worker.measure_bandwidth(mb=8, repeats=2)
     assert bw["bytes_per_s"] == max(bw["sum_bytes_per_s"], bw["gemv_bytes_per_s"]) > 0
 
 
