@@ -1,10 +1,7 @@
 """Tokenizers from a Hugging Face folder (`tokenizer.json`) or from GGUF metadata, on `tokenizers` (Rust).
 
-A GGUF carries a vocabulary, not a `tokenizer.json`, so the pipeline is rebuilt from llama.cpp's keys:
-`gpt2` is byte-level BPE whose pre-tokenizer regex is chosen by `tokenizer.ggml.pre` (as llama.cpp's
-`llama-vocab.cpp` does); `llama` is SentencePiece-style BPE with byte fallback and a `▁` prefix, its
-merges recovered from the token scores (as transformers' GGUF converter does). Control and
-user-defined tokens are added tokens, so "<|im_start|>" in text is one token, as in llama.cpp.
+A GGUF carries a vocabulary, not a `tokenizer.json`, so the pipeline is rebuilt from llama.cpp's keys
+(`gguf_vocab`). Chat templates render in a sandbox (`chat_template`).
 Generation ends on any of `eos_token_ids`: EOS plus llama.cpp's end-of-turn tokens (`<|im_end|>`, ...).
 """
 
@@ -15,17 +12,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
-from tokenizers.models import BPE
+from tokenizers import processors
 
 from omni_model.chat_template import DEFAULT_CHAT_TEMPLATE, render_chat_template
 from omni_model.errors import TokenizerError
+from omni_model.gguf_vocab import (
+    CONTROL,
+    LLAMA3_SPLIT,
+    NORMAL,
+    PRE_TYPES,
+    USER_DEFINED,
+    byte_level,
+    gguf_merges,
+    sentencepiece,
+    token_id,
+)
 
 _Special = tuple[str | None, int | None]  # a special token's text and id
-
-# GGUF token_type values (llama.cpp `llama_token_type`).
-_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
 # Special tokens that end a turn; llama.cpp treats these as end-of-generation when the vocabulary has them.
 _END_OF_TURN = frozenset(
@@ -40,39 +44,6 @@ _END_OF_TURN = frozenset(
         "<EOT>",
     }
 )
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: byte-level vocabularies spell every token with it."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    extra = iter(range(256, 512))
-    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
-
-
-_BYTE_CHAR = _bytes_to_unicode()
-_BYTE_ALPHABET = frozenset(_BYTE_CHAR.values())
-
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# tokenizer.ggml.pre -> how byte-level text is split before BPE. "gpt2" is ByteLevel's built-in GPT-2
-# regex; "digits+gpt2" first splits every digit alone (llama.cpp's STARCODER/SMOLLM group, and SmolLM's
-# own tokenizer.json: Digits(individual_digits) then ByteLevel).
-_PRE_TYPES = {
-    **dict.fromkeys(["default", "gpt2"], "gpt2"),
-    **dict.fromkeys(["smollm", "starcoder", "refact"], "digits+gpt2"),
-    **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "smaug-bpe", "falcon3", "dbrx"], _LLAMA3_SPLIT),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], _QWEN2_SPLIT),
-}
 
 
 class Tokenizer:
@@ -145,22 +116,22 @@ class Tokenizer:
         tokens = metadata.get("tokenizer.ggml.tokens")
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
             raise TokenizerError(f"{source}: GGUF metadata has no usable tokenizer.ggml.tokens list")
-        types = metadata.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+        types = metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
         if not isinstance(types, list) or len(types) != len(tokens):
             raise TokenizerError(f"{source}: tokenizer.ggml.token_type is not a list of one type per token")
         model, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre", "default")
         try:
             if model == "gpt2":
-                backend = _byte_level(tokens, types, _gguf_merges(metadata, source), pre, source)
+                backend = byte_level(tokens, types, gguf_merges(metadata, source), pre, source)
                 # Files without the flag: llama.cpp adds BOS for Llama 3 vocabularies only.
-                add_bos_default = _PRE_TYPES[pre] == _LLAMA3_SPLIT
+                add_bos_default = PRE_TYPES[pre] == LLAMA3_SPLIT
             elif model == "llama":
                 arch = metadata.get("general.architecture")
                 if arch in ("gemma", "gemma2", "gemma3"):  # space tokens, merge order: a rebuild of their own
                     raise TokenizerError(
                         f"{source}: the SentencePiece vocabulary of {arch!r} GGUFs is not supported"
                     )
-                backend = _sentencepiece(tokens, types, metadata, source, normalize_spaces=arch == "phi3")
+                backend = sentencepiece(tokens, types, metadata, source, normalize_spaces=arch == "phi3")
                 add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies without the flag
             else:
                 raise TokenizerError(
@@ -171,16 +142,14 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises plain Exception, e.g. for a merge of unknown tokens
             raise TokenizerError(f"{source}: cannot build the {model!r} tokenizer: {_one_line(e)}") from None
         ids = {
-            k: _token_id(metadata, f"tokenizer.ggml.{k}_token_id", len(tokens), source)
+            k: token_id(metadata, f"tokenizer.ggml.{k}_token_id", len(tokens), source)
             for k in ("bos", "eos", "unknown", "padding", "eot", "eom")
         }
         name = {k: None if i is None else tokens[i] for k, i in ids.items()}
         add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", add_bos_default))
         add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
         _set_post_processor(backend, name["bos"] if add_bos else None, name["eos"] if add_eos else None)
-        eos_ids = _end_of_turn_ids(
-            backend, {i for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)}
-        )
+        eos_ids = _end_of_turn_ids(backend, {i for i, t in enumerate(types) if t in (CONTROL, USER_DEFINED)})
         eos_ids |= {i for i in (ids["eot"], ids["eom"]) if i is not None}
         template = metadata.get("tokenizer.chat_template")
         return cls(
@@ -250,103 +219,6 @@ class StreamDecoder:
         return text[len(seen) :]
 
 
-def _byte_level(
-    tokens: list[str], types: list[int], merges: list[tuple[str, str]], pre: str, source: Path
-) -> _Backend:
-    if pre not in _PRE_TYPES:
-        known = ", ".join(sorted(_PRE_TYPES))
-        raise TokenizerError(f"{source}: unsupported tokenizer.ggml.pre {pre!r} (supported: {known})")
-    split = _PRE_TYPES[pre]
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        # A normal token outside the byte alphabet is stored as plain text; BPE needs it byte-spelled.
-        if types[i] == _NORMAL and not set(t) <= _BYTE_ALPHABET:
-            t = "".join(_BYTE_CHAR[b] for b in t.encode("utf-8"))
-        vocab.setdefault(t, i)
-    # Llama 3's tokenizer.json looks a whole pre-token up before merging (llama.cpp: ignore_merges).
-    backend = _Backend(BPE(vocab, merges, ignore_merges=split == _LLAMA3_SPLIT))
-    if split == "gpt2":
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    elif split == "digits+gpt2":
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
-    else:
-        regex = pre_tokenizers.Split(Regex(split), behavior="isolated")
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [regex, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-    backend.decoder = decoders.ByteLevel()
-    _add_special(backend, tokens, types)
-    return backend
-
-
-def _sentencepiece(
-    tokens: list[str], types: list[int], metadata: Mapping[str, Any], source: Path, normalize_spaces: bool
-) -> _Backend:
-    vocab: dict[str, int] = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)  # a duplicated token keeps its first id, as llama.cpp's lookup does
-    if "tokenizer.ggml.merges" in metadata:
-        merges = _gguf_merges(metadata, source)
-    else:
-        scores = metadata.get("tokenizer.ggml.scores")
-        if not isinstance(scores, list) or len(scores) != len(tokens):
-            raise TokenizerError(
-                f"{source}: a 'llama' tokenizer needs tokenizer.ggml.scores (one per token) or merges"
-            )
-        merges = _merges_from_scores(tokens, types, scores, vocab)
-    unk = _token_id(metadata, "tokenizer.ggml.unknown_token_id", len(tokens), source)
-    unk_token = None if unk is None else tokens[unk]
-    backend = _Backend(BPE(vocab, merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True))
-    prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-    if normalize_spaces:  # Phi-3: "▁" prepended to every text piece, even one that starts with a space
-        steps = [normalizers.Prepend("▁")] if prefix else []
-        backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
-    else:
-        # As transformers' converter: "▁" only at the very start, not after a special token, and not when the
-        # text already starts with a space (where sentencepiece and llama.cpp would add one more).
-        scheme = "first" if prefix else "never"
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    _add_special(backend, tokens, types)
-    return backend
-
-
-def _merges_from_scores(
-    tokens: list[str], types: list[int], scores: list[float], vocab: Mapping[str, int]
-) -> list[tuple[str, str]]:
-    """BPE merges implied by SentencePiece scores: every split of a token into two known tokens, best score first."""
-    found: list[tuple[float, int, int, int, int, str, str]] = []
-    for i, t in enumerate(tokens):
-        if types[i] != _NORMAL:
-            continue
-        for k in range(1, len(t)):
-            left, right = t[:k], t[k:]
-            if left in vocab and right in vocab:
-                # Ties go to the longer left piece, then the lower ids, as transformers' generate_merges.
-                found.append(
-                    (-float(scores[i]), -len(left), -len(right), vocab[left], vocab[right], left, right)
-                )
-    found.sort(key=lambda m: m[:3])  # stable: equal keys keep token order
-    return [(m[5], m[6]) for m in found]
-
-
-def _add_special(backend: _Backend, tokens: list[str], types: list[int]) -> None:
-    # Matched whole in text, like llama.cpp; control tokens are also dropped by skip_special_tokens.
-    control = [
-        AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _CONTROL
-    ]
-    user = [
-        AddedToken(tokens[i], special=False, normalized=False)
-        for i, t in enumerate(types)
-        if t == _USER_DEFINED
-    ]
-    backend.add_special_tokens(control)
-    backend.add_tokens(user)
-
-
 def _set_post_processor(backend: _Backend, bos: str | None, eos: str | None) -> None:
     """Put `bos` before and `eos` after every encoding (None: nothing)."""
     ids = {t: i for t in (bos, eos) if t is not None and (i := backend.token_to_id(t)) is not None}
@@ -356,30 +228,6 @@ def _set_post_processor(backend: _Backend, bos: str | None, eos: str | None) -> 
 
 def _end_of_turn_ids(backend: _Backend, special_ids: set[int]) -> set[int]:
     return {i for t in _END_OF_TURN if (i := backend.token_to_id(t)) is not None and i in special_ids}
-
-
-def _gguf_merges(metadata: Mapping[str, Any], source: Path) -> list[tuple[str, str]]:
-    raw = metadata.get("tokenizer.ggml.merges")
-    if not isinstance(raw, list):
-        raise TokenizerError(f"{source}: GGUF metadata has no tokenizer.ggml.merges list")
-    merges = []
-    for n, m in enumerate(raw):
-        parts = m.split(" ") if isinstance(m, str) else []
-        if len(parts) != 2:
-            raise TokenizerError(
-                f"{source}: tokenizer.ggml.merges[{n}] = {m!r} is not two tokens split by one space"
-            )
-        merges.append((parts[0], parts[1]))
-    return merges
-
-
-def _token_id(metadata: Mapping[str, Any], key: str, n_tokens: int, source: Path) -> int | None:
-    i = metadata.get(key)
-    if i is None:
-        return None
-    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_tokens:
-        raise TokenizerError(f"{source}: {key} = {i!r} is not a token id below {n_tokens}")
-    return i
 
 
 def _hf_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
