@@ -43,7 +43,9 @@ class RopeConfig:
 
     def __post_init__(self) -> None:
         if self.type not in ("default", "linear", "dynamic", "yarn", "llama3"):
-            raise ConfigError(f"rope.type must be one of default, linear, dynamic, yarn, llama3; got {self.type!r}")
+            raise ConfigError(
+                f"rope.type must be one of default, linear, dynamic, yarn, llama3; got {self.type!r}"
+            )
         _positive("rope.theta", self.theta)
         _positive("rope.factor", self.factor)
         _positive("rope.original_max_position", self.original_max_position, optional=True)
@@ -87,9 +89,13 @@ class ModelConfig:
         _positive("sliding_window", self.sliding_window, optional=True)
         _positive("attention_scale", self.attention_scale, optional=True)
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
         if self.head_dim is None and self.dim % self.n_heads:
-            raise ConfigError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads}) when head_dim is unset")
+            raise ConfigError(
+                f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads}) when head_dim is unset"
+            )
         if self.head_size % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_size}")
         if self.sliding_layers is not None:

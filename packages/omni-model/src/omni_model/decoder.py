@@ -40,7 +40,9 @@ class Decoder(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 m.bias.zero_()
 
-    def make_cache(self, batch_size: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None) -> DenseKVCache:
+    def make_cache(
+        self, batch_size: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> DenseKVCache:
         """A dense cache sized for this model (grows on demand when max_len is None)."""
         cfg = self.config
         return DenseKVCache(

@@ -31,7 +31,9 @@ class Linear(nn.Module):
 
     def __init__(self, weight: Tensor | nn.Parameter, bias: Tensor | None = None) -> None:
         super().__init__()
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.weight = (
+            weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        )
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -44,7 +46,12 @@ class FusedBlock(nn.Module):
     def __init__(self, block: Block) -> None:
         super().__init__()
         a, mlp = block.self_attn, block.mlp
-        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = a.layer, a.n_heads, a.n_kv_heads, a.head_dim
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = (
+            a.layer,
+            a.n_heads,
+            a.n_kv_heads,
+            a.head_dim,
+        )
         self.eps_attn, self.eps_mlp = block.input_layernorm.eps, block.post_attention_layernorm.eps
         g_attn, g_mlp = block.input_layernorm.weight, block.post_attention_layernorm.weight
         q_w, q_b = a.q_proj.weight, a.q_proj.bias
@@ -60,7 +67,9 @@ class FusedBlock(nn.Module):
         self.gate_up_proj = Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).mul_(g_mlp))
         self.down_proj = Linear(mlp.down_proj.weight.data)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None
+    ) -> Tensor:
         b, t, d = x.shape
         h, hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv_proj(F.rms_norm(x, (d,), None, self.eps_attn))

@@ -62,7 +62,12 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = (
+            layer,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_size,
+        )
         self.window = cfg.window_of(layer)
         self.scale = cfg.attention_scale or self.head_dim**-0.5
         d, dh = cfg.dim, self.head_dim
@@ -73,7 +78,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(dh, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(dh, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None
+    ) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, Dh)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
@@ -85,6 +92,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, Dh)
         return self.o_proj(attend(q, k, v, mask, self.scale).transpose(1, 2).reshape(b, t, -1))
+
 
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
@@ -105,6 +113,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None
+    ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)  # (B, T, D)
         return x + self.mlp(self.post_attention_layernorm(x))

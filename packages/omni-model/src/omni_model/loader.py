@@ -54,7 +54,9 @@ def load(source: str | Path, *, dtype: torch.dtype = torch.float32, fuse: bool =
         state = gguf_state_dict(g, cfg)
         del g  # the memory-mapped file and its parsed metadata are no longer needed
     elif path.suffix == ".safetensors":
-        raise CheckpointError(f"{path}: a bare safetensors file has no config; pass its folder (with config.json)")
+        raise CheckpointError(
+            f"{path}: a bare safetensors file has no config; pass its folder (with config.json)"
+        )
     else:
         raise CheckpointError(f"{path}: neither a GGUF file nor a folder with config.json and safetensors")
     model = build(cfg, state, path, dtype)

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 from omni_model.config import RopeConfig
 
 
-def inv_frequencies(cfg: RopeConfig, dim: int, seq_len: int | None = None, max_position: int = 2048) -> tuple[Tensor, float]:
+def inv_frequencies(
+    cfg: RopeConfig, dim: int, seq_len: int | None = None, max_position: int = 2048
+) -> tuple[Tensor, float]:
     """Inverse frequencies (dim/2,) and the cos/sin scale for a rotary dim of `dim`."""
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     base = cfg.theta

@@ -130,7 +130,9 @@ def gguf_state_dict(g: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         if permute and part in ("attn_q", "attn_k"):
             heads = cfg.n_heads if part == "attn_q" else cfg.n_kv_heads
             if t.shape[0] % (2 * heads):
-                raise CheckpointError(f"{g.path}: tensor {name!r} of shape {tuple(t.shape)} does not fit {heads} heads")
+                raise CheckpointError(
+                    f"{g.path}: tensor {name!r} of shape {tuple(t.shape)} does not fit {heads} heads"
+                )
             t = _unpermute(t, heads)
         out[f"layers.{layer}.{_BLOCK[part]}.{kind}"] = t
     return out

@@ -46,7 +46,9 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     theta = _positive({"rope_theta": theta}, "rope_theta", float)
     kind = params.get("rope_type", params.get("type", "default"))
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise UnsupportedArchitectureError("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
+        raise UnsupportedArchitectureError(
+            "partial rotary embeddings (partial_rotary_factor != 1) are not supported"
+        )
     if kind not in ("default", "linear", "dynamic", "yarn", "llama3"):
         raise UnsupportedArchitectureError(f"rope type {kind!r} is not supported")
     kw: dict[str, Any] = {"theta": theta, "type": kind}
@@ -117,7 +119,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         elif window is not None and kind in ("qwen2", "qwen3"):
             first = hf.get("max_window_layers", n_layers)
             if n_layers > _MAX_LISTED_LAYERS:  # the tuple below would take memory and time per layer
-                raise ConfigError(f"num_hidden_layers must be at most {_MAX_LISTED_LAYERS:,}, got {n_layers:,}")
+                raise ConfigError(
+                    f"num_hidden_layers must be at most {_MAX_LISTED_LAYERS:,}, got {n_layers:,}"
+                )
             sliding_layers = tuple(range(first, n_layers))
         return ModelConfig(
             vocab_size=_positive(hf, "vocab_size"),
