@@ -27,6 +27,13 @@ CASES = {
     "qwen2": ("qwen2", {}),
     "qwen2-sliding": ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
     "qwen3": ("qwen3", {"head_dim": 32}),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "shared_expert_intermediate_size": 48}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "norm_topk_prob": True}),
+    "qwen3_moe-unnormalised": ("qwen3_moe", {"num_experts": 8, "num_experts_per_tok": 3,
+                                             "moe_intermediate_size": 32, "norm_topk_prob": False}),
 }  # fmt: skip
 SEQ = 40
 

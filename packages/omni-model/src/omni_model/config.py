@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from omni_model.errors import ConfigError
+from omni_moe import MoEConfig
 
 RopeType = Literal["default", "linear", "dynamic", "yarn", "llama3"]
 
@@ -78,6 +79,7 @@ class ModelConfig:
     attention_scale: float | None = None  # None: 1/sqrt(head_dim)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    moe: MoEConfig | None = None  # None: every layer has a dense SwiGLU of ffn_dim
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
@@ -127,6 +129,16 @@ class ModelConfig:
             attn += dh * (self.n_heads + 2 * self.n_kv_heads)
         if self.qk_norm:
             attn += 2 * dh
-        layer = attn + 3 * d * self.ffn_dim + 2 * d
-        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return self.n_layers * layer + emb + d
+        total = self.n_layers * (attn + 2 * d) + self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
+        for i in range(self.n_layers):
+            total += self._moe_params(d) if self.is_moe_layer(i) else 3 * d * self.ffn_dim
+        return total
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and self.moe.is_moe_layer(layer)
+
+    def _moe_params(self, d: int) -> int:
+        m = self.moe
+        assert m is not None  # only called for MoE layers
+        shared = 3 * d * m.shared_dim + (d if m.shared_expert_gate else 0) if m.n_shared_experts else 0
+        return m.n_experts * (3 * d * m.expert_dim + d) + shared

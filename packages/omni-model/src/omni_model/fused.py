@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from omni_kernels import linear_f32 as linear
 from omni_kv import KVCache
 from omni_model.decoder import Decoder
-from omni_model.layers import Block, attend
+from omni_model.layers import MLP, Block, attend
 from omni_model.rope import apply_rope
 
 
@@ -64,8 +64,12 @@ class FusedBlock(nn.Module):
         b = None if q_b is None else torch.cat([q_b, a.k_proj.bias, a.v_proj.bias])
         self.qkv_proj = Linear(w, b)
         self.o_proj = Linear(a.o_proj.weight.data)
-        self.gate_up_proj = Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).mul_(g_mlp))
-        self.down_proj = Linear(mlp.down_proj.weight.data)
+        if isinstance(mlp, MLP):
+            self.moe, self.moe_norm = None, None
+            self.gate_up_proj = Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).mul_(g_mlp))
+            self.down_proj = Linear(mlp.down_proj.weight.data)
+        else:  # an MoE layer runs as it is, behind its own (unfolded) norm gain
+            self.moe, self.moe_norm = mlp, block.post_attention_layernorm
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None
@@ -84,6 +88,8 @@ class FusedBlock(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, Dh)
         x = x + self.o_proj(attend(q, k, v, mask, 1.0).transpose(1, 2).reshape(b, t, h * dh))
+        if self.moe is not None and self.moe_norm is not None:
+            return x + self.moe(self.moe_norm(x))
         gate, up = self.gate_up_proj(F.rms_norm(x, (d,), None, self.eps_mlp)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from omni_kv import KVCache
 from omni_model.config import ModelConfig
 from omni_model.rope import apply_rope
+from omni_moe import MoELayer
 
 
 class Linear(nn.Linear):
@@ -111,7 +112,11 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = MLP(cfg.dim, cfg.ffn_dim)
+        self.mlp: nn.Module = (
+            MoELayer(cfg.dim, cfg.moe)
+            if cfg.moe is not None and cfg.is_moe_layer(layer)
+            else MLP(cfg.dim, cfg.ffn_dim)
+        )
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None

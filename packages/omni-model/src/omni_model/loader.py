@@ -14,7 +14,7 @@ import torch
 
 from omni_model.checkpoint.gguf import config_from_gguf, gguf_state_dict
 from omni_model.checkpoint.gguf_file import is_gguf, read_gguf
-from omni_model.checkpoint.hf import config_from_hf, hf_state_dict, read_json
+from omni_model.checkpoint.hf import config_from_hf, convert_moe_weights, hf_state_dict, read_json
 from omni_model.config import ModelConfig
 from omni_model.decoder import Decoder
 from omni_model.errors import CheckpointError, ConfigError
@@ -78,7 +78,11 @@ def _from_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], To
     except CheckpointError as e:
         raise type(e)(f"{cfg_path}: {e}") from None
     tok = Tokenizer.from_hf_folder(folder)
-    return cfg, hf_state_dict(folder), tok
+    try:
+        state = convert_moe_weights(hf_state_dict(folder), cfg, hf["model_type"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    return cfg, state, tok
 
 
 def build(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: Path, dtype: torch.dtype) -> Decoder:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,22 @@ from safetensors import SafetensorError, safe_open
 
 from omni_model.config import ModelConfig, RopeConfig
 from omni_model.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
+from omni_moe import MoEConfig, MoEConfigError
+from omni_moe.hf import HFConversionError, convert_hf_state_dict
 
-ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2"}
+ARCHITECTURES = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "smollm",
+    "smollm2",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+}
+MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe"}
+QWEN = {"qwen2", "qwen3", "qwen2_moe", "qwen3_moe"}
 INDEX = "model.safetensors.index.json"
 
 
@@ -109,14 +124,14 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     n_layers = _positive(hf, "num_hidden_layers")
     try:
         window = hf.get("sliding_window")
-        if kind in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        if kind in QWEN and not hf.get("use_sliding_window", False):
             window = None
         window = _positive({"sliding_window": window}, "sliding_window", default=None)
         sliding_layers = None
         layer_types = hf.get("layer_types")
         if window is not None and layer_types is not None:
             sliding_layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
-        elif window is not None and kind in ("qwen2", "qwen3"):
+        elif window is not None and kind in QWEN:
             first = hf.get("max_window_layers", n_layers)
             if n_layers > _MAX_LISTED_LAYERS:  # the tuple below would take memory and time per layer
                 raise ConfigError(
@@ -135,15 +150,68 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             max_seq_len=_positive(hf, "max_position_embeddings", default=2048),
             rope=rope_from_hf(hf),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=bool(hf.get("attention_bias", kind == "qwen2")),
-            qk_norm=kind == "qwen3",
+            qkv_bias=bool(hf.get("attention_bias", hf.get("qkv_bias", kind in ("qwen2", "qwen2_moe")))),
+            qk_norm=kind in ("qwen3", "qwen3_moe"),
             sliding_window=window,
             sliding_layers=sliding_layers,
             bos_token_id=_token_id(hf.get("bos_token_id")),
             eos_token_id=_token_id(hf.get("eos_token_id")),
+            moe=moe_from_hf(hf, kind),
         )
     except TypeError as e:
         raise ConfigError(f"config.json has a field of the wrong type: {e}") from None
+
+
+def moe_from_hf(hf: dict[str, Any], kind: str) -> MoEConfig | None:
+    """The MoE settings of Mixtral, Qwen2-MoE and Qwen3-MoE configs (None for dense families)."""
+    if kind not in MOE_FAMILIES:
+        return None
+    if kind != "mixtral" and (hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers")):
+        raise UnsupportedArchitectureError(
+            "dense layers among MoE ones (decoder_sparse_step, mlp_only_layers)"
+        )
+    # transformers 5 stores Qwen3-MoE's num_experts as num_local_experts (an attribute_map alias).
+    n_experts = _positive(hf, "num_local_experts" if "num_local_experts" in hf else "num_experts")
+    shared = kind == "qwen2_moe" and _positive(hf, "shared_expert_intermediate_size", default=0) > 0
+    try:
+        return MoEConfig(
+            n_experts=n_experts,
+            top_k=_positive(hf, "num_experts_per_tok"),
+            expert_dim=_positive(hf, "intermediate_size" if kind == "mixtral" else "moe_intermediate_size"),
+            norm_topk_prob=kind == "mixtral" or bool(hf.get("norm_topk_prob", False)),
+            n_shared_experts=1 if shared else 0,
+            shared_expert_dim=hf["shared_expert_intermediate_size"] if shared else None,
+            shared_expert_gate=shared,
+        )
+    except MoEConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def convert_moe_weights(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, kind: str
+) -> dict[str, torch.Tensor]:
+    """Stack the per-expert tensors of each MoE layer into omni_moe's layout (`layers.N.mlp.*`)."""
+    if kind not in MOE_FAMILIES:
+        return state
+    block = "block_sparse_moe" if kind == "mixtral" else "mlp"
+    out: dict[str, torch.Tensor] = {}
+    per_layer: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in state.items():
+        m = _MOE_KEY.match(name)
+        if m and m.group(2) == block and cfg.is_moe_layer(int(m.group(1))):
+            per_layer.setdefault(int(m.group(1)), {})[m.group(3)] = t
+        else:
+            out[name] = t
+    for layer, sub in per_layer.items():
+        try:
+            converted = convert_hf_state_dict(sub, kind)  # type: ignore[arg-type]
+        except HFConversionError as e:
+            raise CheckpointError(f"layer {layer}: {e}") from None
+        out.update({f"layers.{layer}.mlp.{k}": v for k, v in converted.items()})
+    return out
+
+
+_MOE_KEY = re.compile(r"^layers\.(\d+)\.(block_sparse_moe|mlp)\.(.+)$")
 
 
 def _token_id(v: Any) -> int | None:
