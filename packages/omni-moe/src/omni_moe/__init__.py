@@ -7,6 +7,7 @@ from omni_moe.experts import Experts, SwiGLU
 from omni_moe.hf import HFConversionError, convert_hf_state_dict, load_hf_state_dict
 from omni_moe.layer import MoELayer, MoEOutput
 from omni_moe.router import Router, group_mask, route, sinkhorn
+from omni_moe.upcycle import upcycle_config, upcycle_ffn
 
 __all__ = [
     "Experts",
@@ -24,6 +25,8 @@ __all__ = [
     "route",
     "sinkhorn",
     "switch_loss",
+    "upcycle_config",
+    "upcycle_ffn",
     "update_bias",
     "z_loss",
 ]
