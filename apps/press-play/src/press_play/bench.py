@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omni_model.errors import CheckpointError, DataError, OmniError
+from omni_model.errors import DataError, OmniError
 from omni_model.zoo import DEFAULT_MODEL
 
 ENGINES = ("omnicoder", "transformers")
@@ -176,31 +176,14 @@ def run_worker(spec: dict[str, Any], timeout_s: float = 1800) -> dict[str, Any]:
         ) from None
 
 
-def model_path(model: str) -> Path:
-    """A folder or file as given, else the zoo name's file (CheckpointError if it is neither)."""
-    from omni_model import zoo
-
-    path = Path(model)
-    return path if path.exists() else zoo.resolve(model)
-
-
 def prompt_ids(model: str, text: str, n: int) -> list[int]:
     """The first `n` token ids of `text` (a file or a play's short name), with the model's tokenizer."""
-    from omni_model import corpus
-    from omni_model.checkpoint.gguf_file import is_gguf, read_gguf
-    from omni_model.tokenizer import Tokenizer
+    from omni_model.loader import load_tokenizer
+    from press_play.common import read_text
 
-    path = model_path(model)
-    if path.is_dir():
-        tok = Tokenizer.from_hf_folder(path)
-    elif is_gguf(path):
-        tok = Tokenizer.from_gguf_metadata(read_gguf(path).metadata, path)
-    else:
-        raise CheckpointError(f"{path}: neither a GGUF file nor a Hugging Face folder")
-    text_file = Path(text) if Path(text).is_file() else corpus.text_path(text)
-    ids = tok.encode(text_file.read_text(encoding="utf-8"))
+    ids = load_tokenizer(model).encode(read_text(text))
     if len(ids) < n:
-        raise DataError(f"{text_file}: {len(ids)} tokens, fewer than the {n}-token prompt asked for")
+        raise DataError(f"{text}: {len(ids)} tokens, fewer than the {n}-token prompt asked for")
     return ids[:n]
 
 

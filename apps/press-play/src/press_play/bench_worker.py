@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from press_play.bench import ENGINES, model_path
+from press_play.bench import ENGINES
 
 
 def _maxrss_mb() -> float:
@@ -88,7 +88,9 @@ def measure_engine(spec: dict[str, Any]) -> dict[str, Any]:
     elif engine == "transformers":
         from transformers import AutoModelForCausalLM
 
-        path = model_path(spec["model"])
+        from omni_model.loader import resolve_source
+
+        path = resolve_source(spec["model"])
         rss_before = _maxrss_mb()
         t0 = time.perf_counter()
         kw = {"gguf_file": path.name} if path.is_file() else {}

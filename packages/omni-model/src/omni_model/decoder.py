@@ -27,6 +27,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Tables cover the trained context; they grow on demand beyond it.
+        self._windows = [cfg.window_of(i) for i in range(cfg.n_layers)]  # per layer; None = full attention
         self.rope = Rope(cfg.rope, cfg.head_size, min(cfg.max_seq_len, 8192))
         if init:
             self.init_weights()
@@ -61,7 +62,7 @@ class Decoder(nn.Module):
         masks = self._masks(start, t, input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, masks[self.config.window_of(i)])
+            x = layer(x, cos, sin, cache, masks[self._windows[i]])
         if cache is not None:
             cache.advance(t)
         return self.norm(x)
@@ -77,12 +78,11 @@ class Decoder(nn.Module):
         None stands for "no mask needed": plain causal from position 0 (is_causal) or one token that
         sees everything before it.
         """
-        windows = {self.config.window_of(i) for i in range(self.config.n_layers)}
         s = start + t
         out: dict[int | None, Tensor | None] = {}
         q_pos = torch.arange(start, s, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(s, device=device)[None, :]  # (1, S)
-        for w in windows:
+        for w in set(self._windows):
             if (t == 1 or start == 0) and (w is None or s <= w):
                 out[w] = None
                 continue

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from omni_model.errors import GenerationError
 from omni_model.sampling import SamplingConfig, make_generator, sample
+from omni_model.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
     from omni_model.loader import LoadedModel
@@ -186,8 +187,6 @@ def generate_text(
     default to the tokenizer's EOS tokens; stop strings end generation as soon as the decoded text
     contains one, and the returned and streamed text stop before it.
     """
-    from omni_model.tokenizer import StreamDecoder  # tokenizer imports heavy deps; only text users pay
-
     tok = lm.tokenizer
     if config.stop_token_ids is None:
         config = dataclasses.replace(config, stop_token_ids=frozenset(tok.eos_token_ids))

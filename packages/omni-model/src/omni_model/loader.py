@@ -20,7 +20,7 @@ from omni_model.decoder import Decoder
 from omni_model.errors import CheckpointError, ConfigError
 from omni_model.fused import fuse_for_inference
 from omni_model.tokenizer import Tokenizer
-from omni_model.zoo import ZOO, resolve
+from omni_model.zoo import resolve
 
 
 @dataclass
@@ -37,14 +37,7 @@ def load(source: str | Path, *, dtype: torch.dtype = torch.float32, fuse: bool =
     `fuse=True` (the default) returns the fast inference form (`omni_model.fused`); `fuse=False`
     the plain decoder whose module names match the checkpoint, for training and export.
     """
-    path = Path(source)
-    if not path.exists():
-        if isinstance(source, str) and source in ZOO:
-            path = resolve(source)
-        elif isinstance(source, str) and "/" not in source and not source.endswith((".gguf", ".safetensors")):
-            resolve(source)  # raises: unknown zoo name, listing the known ones
-        else:
-            raise CheckpointError(f"{source}: no such file or folder")
+    path = resolve_source(source)
     if path.is_dir():
         cfg, state, tok = _from_folder(path)
     elif is_gguf(path):
@@ -64,6 +57,26 @@ def load(source: str | Path, *, dtype: torch.dtype = torch.float32, fuse: bool =
     if fuse:
         model = fuse_for_inference(model)
     return LoadedModel(cfg, model, tok, str(source))
+
+
+def resolve_source(source: str | Path) -> Path:
+    """The file or folder a source names: a path as given, else a zoo name's file."""
+    path = Path(source)
+    if path.exists():
+        return path
+    if isinstance(source, str) and "/" not in source and not source.endswith((".gguf", ".safetensors")):
+        return resolve(source)  # a zoo name; an unknown one raises, listing the known ones
+    raise CheckpointError(f"{source}: no such file or folder")
+
+
+def load_tokenizer(source: str | Path) -> Tokenizer:
+    """Only the tokenizer of a source (no weights are read)."""
+    path = resolve_source(source)
+    if path.is_dir():
+        return Tokenizer.from_hf_folder(path)
+    if is_gguf(path):
+        return Tokenizer.from_gguf_metadata(read_gguf(path).metadata, path)
+    raise CheckpointError(f"{path}: neither a GGUF file nor a folder with config.json and safetensors")
 
 
 def _from_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
