@@ -34,6 +34,18 @@ CASES = {
                                 "norm_topk_prob": True}),
     "qwen3_moe-unnormalised": ("qwen3_moe", {"num_experts": 8, "num_experts_per_tok": 3,
                                              "moe_intermediate_size": 32, "norm_topk_prob": False}),
+    "qwen2_moe-sparse-step": ("qwen2_moe", {"num_hidden_layers": 4, "num_experts": 4, "num_experts_per_tok": 2,
+                                            "moe_intermediate_size": 32, "decoder_sparse_step": 2,
+                                            "mlp_only_layers": [3]}),
+    "deepseek_v3": ("deepseek_v3", {}),
+    "deepseek_v3-no-q-lora": ("deepseek_v3", {"q_lora_rank": None, "n_group": 4, "topk_group": 2,
+                                              "num_experts_per_tok": 3, "norm_topk_prob": False}),
+    "deepseek_v3-yarn": ("deepseek_v3", {"num_hidden_layers": 3, "first_k_dense_replace": 2,
+                                         "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
+                                         "factor": 4.0, "original_max_position_embeddings": 32,
+                                         "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 32,
+                                         "beta_slow": 1}}),
+    "deepseek_v3-not-interleaved": ("deepseek_v3", {"rope_interleave": False, "attention_bias": True}),
 }  # fmt: skip
 SEQ = 40
 

@@ -2,7 +2,8 @@
 
 `forward(input_ids, cache=None)` returns float logits (B, T, V). With a cache, the new tokens sit at
 positions cache.seq_len.. and the cache is advanced by T once every layer has written to it, so one
-full forward and token-by-token decoding give the same logits.
+full forward and token-by-token decoding give the same logits. Models with MTP modules also give
+their logits (`forward_mtp`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from omni_kv import DenseKVCache, KVCache
+from omni_kv import DenseKVCache, KVCache, LatentKVCache
+from omni_model.block import Block
 from omni_model.config import ModelConfig
-from omni_model.layers import Block, Embedding, Linear, RMSNorm
+from omni_model.layers import Embedding, Linear, RMSNorm
+from omni_model.mla import MLAttention, Mode
+from omni_model.mtp import MTPModule
 from omni_model.rope import Rope
 
 
@@ -26,9 +30,10 @@ class Decoder(nn.Module):
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(cfg.mtp_depth))
         # Tables cover the trained context; they grow on demand beyond it.
         self._windows = [cfg.window_of(i) for i in range(cfg.n_layers)]  # per layer; None = full attention
-        self.rope = Rope(cfg.rope, cfg.head_size, min(cfg.max_seq_len, 8192))
+        self.rope = Rope(cfg.rope, cfg.rope_dim, min(cfg.max_seq_len, 8192))
         if init:
             self.init_weights()
 
@@ -43,9 +48,16 @@ class Decoder(nn.Module):
 
     def make_cache(
         self, batch_size: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None
-    ) -> DenseKVCache:
-        """A dense cache sized for this model (grows on demand when max_len is None)."""
+    ) -> DenseKVCache | LatentKVCache:
+        """A cache sized for this model (grows on demand when max_len is None): dense keys and values,
+        or latents for latent attention."""
         cfg = self.config
+        if cfg.mla is not None:
+            return LatentKVCache(
+                cfg.n_layers, cfg.mla.kv_lora_rank, cfg.mla.qk_rope_head_dim, batch_size=batch_size,
+                max_len=max_len, dtype=dtype or self.embed_tokens.weight.dtype,
+                device=self.embed_tokens.weight.device,
+            )  # fmt: skip
         return DenseKVCache(
             cfg.n_layers, cfg.n_kv_heads, cfg.head_size, batch_size=batch_size, max_len=max_len,
             dtype=dtype or self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device,
@@ -67,10 +79,34 @@ class Decoder(nn.Module):
             cache.advance(t)
         return self.norm(x)
 
+    def forward_mtp(self, input_ids: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Main logits (B, T, V) and, per MTP module k = 1..D, logits (B, T-k, V) whose row i
+        predicts token i+k+1. A whole-sequence forward (training, evaluation); no cache."""
+        h = main = self.hidden_states(input_ids)
+        emb = self.embed_tokens(input_ids)
+        t = input_ids.shape[1]
+        out = []
+        for k, module in enumerate(self.mtp, start=1):
+            n = t - k
+            if n <= 0:
+                break
+            cos, sin = self.rope(k, n)  # module k sees token i+k at position i+k
+            h = module.predict(h[:, :n], emb[:, k:], cos, sin)
+            out.append(self.logits(h))
+        return self.logits(main), out
+
     def logits(self, h: Tensor, last_only: bool = False) -> Tensor:
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h).float()
+
+    def set_attention_mode(self, mode: Mode) -> None:
+        """Latent attention's execution path for every layer: "naive", "absorbed" or "auto"."""
+        if mode not in ("auto", "naive", "absorbed"):
+            raise ValueError(f"mode must be 'auto', 'naive' or 'absorbed', got {mode!r}")
+        for m in self.modules():
+            if isinstance(m, MLAttention):
+                m.mode = mode
 
     def _masks(self, start: int, t: int, device: torch.device) -> dict[int | None, Tensor | None]:
         """Boolean attention masks (T, S), True = attend, keyed by window (None = full attention).

@@ -6,7 +6,7 @@ rewrites a loaded `Decoder` in place (an nn.Module -> nn.Module transform, appli
 - q/k/v become one projection and gate/up another: fewer, larger matmuls;
 - each RMSNorm gain is folded into the columns of the projection that reads it, and the attention
   scale into q's rows (or q_norm's gain), so those multiplications disappear;
-- linears go through `omni_kernels.linear_f32`: a native matrix-vector kernel for one decoded
+- linears go through `omni_kernels.linear_f32` (in every block, latent-attention ones included): a native matrix-vector kernel for one decoded
   token and oneDNN for prompts; on the machine of BENCHMARKS.md they stream weights two to three
   times as fast as the BLAS behind `F.linear`.
 Logits equal the plain decoder's within float32 rounding (tests hold them to 1e-4). The result is
@@ -21,8 +21,10 @@ from torch import Tensor, nn
 
 from omni_kernels import linear_f32 as linear
 from omni_kv import KVCache
+from omni_model.block import Block
 from omni_model.decoder import Decoder
-from omni_model.layers import MLP, Block, attend
+from omni_model.layers import MLP, Attention, attend
+from omni_model.layers import Linear as PlainLinear
 from omni_model.rope import apply_rope
 
 
@@ -98,8 +100,13 @@ class FusedBlock(nn.Module):
 def fuse_for_inference(model: Decoder) -> Decoder:
     """Rewrite `model` into its CPU inference form (in place); returns it, in eval mode."""
     for i, block in enumerate(model.layers):
-        if isinstance(block, Block):
+        if isinstance(block, Block) and isinstance(block.self_attn, Attention):
             model.layers[i] = FusedBlock(block)
+    # Other blocks (latent attention, MTP modules) keep their structure; their linears get the kernels.
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, PlainLinear):
+                setattr(parent, name, Linear(child.weight, child.bias))
     if isinstance(model.lm_head, nn.Linear):
         model.lm_head = Linear(model.lm_head.weight, model.lm_head.bias)
     for p in model.parameters():

@@ -1,4 +1,4 @@
-"""Decoder layers: RMSNorm, grouped-query attention with RoPE, SwiGLU MLP, and the block.
+"""Decoder layers: RMSNorm, grouped-query attention with RoPE and the SwiGLU MLP.
 
 Attribute names follow Hugging Face checkpoints (`q_proj`, `gate_proj`, `input_layernorm`, ...) so
 safetensors load without a rename table. Attention goes through `scaled_dot_product_attention`; one
@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from omni_kv import KVCache
 from omni_model.config import ModelConfig
 from omni_model.rope import apply_rope
-from omni_moe import MoELayer
 
 
 class Linear(nn.Linear):
@@ -33,7 +32,8 @@ class Embedding(nn.Embedding):
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    """Attention of q (B, H, T, Dh) over k, v (B, Hkv, S, Dh); mask (T, S) bool or None (causal)."""
+    """Attention of q (B, H, T, Dh) over k (B, Hkv, S, Dh), v (B, Hkv, S, Dv); mask (T, S) bool or None
+    (causal)."""
     b, h, t, dh = q.shape
     n_kv = k.shape[1]
     if t == 1 and mask is None:
@@ -44,7 +44,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -
         scores = torch.matmul(qg, k.transpose(2, 3))  # (B, Hkv, G, S)
         if scale != 1.0:
             scores = scores * scale
-        return torch.matmul(scores.softmax(dim=-1), v).view(b, h, 1, dh)
+        return torch.matmul(scores.softmax(dim=-1), v).view(b, h, 1, v.shape[-1])
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=h != n_kv
     )
@@ -104,22 +104,3 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp: nn.Module = (
-            MoELayer(cfg.dim, cfg.moe)
-            if cfg.moe is not None and cfg.is_moe_layer(layer)
-            else MLP(cfg.dim, cfg.ffn_dim)
-        )
-
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, mask: Tensor | None
-    ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)  # (B, T, D)
-        return x + self.mlp(self.post_attention_layernorm(x))

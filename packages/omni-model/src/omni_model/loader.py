@@ -14,7 +14,7 @@ import torch
 
 from omni_model.checkpoint.gguf import config_from_gguf, gguf_state_dict
 from omni_model.checkpoint.gguf_file import is_gguf, read_gguf
-from omni_model.checkpoint.hf import config_from_hf, convert_moe_weights, hf_state_dict, read_json
+from omni_model.checkpoint.hf import config_from_hf, convert_weights, hf_state_dict, read_json
 from omni_model.config import ModelConfig
 from omni_model.decoder import Decoder
 from omni_model.errors import CheckpointError, ConfigError
@@ -92,7 +92,7 @@ def _from_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], To
         raise type(e)(f"{cfg_path}: {e}") from None
     tok = Tokenizer.from_hf_folder(folder)
     try:
-        state = convert_moe_weights(hf_state_dict(folder), cfg, hf["model_type"])
+        cfg, state = convert_weights(hf_state_dict(folder), cfg, hf)
     except CheckpointError as e:
         raise CheckpointError(f"{folder}: {e}") from None
     return cfg, state, tok

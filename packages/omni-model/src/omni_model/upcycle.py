@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from omni_model.block import Block
 from omni_model.decoder import Decoder
 from omni_model.errors import ConfigError
-from omni_model.layers import MLP, Block
+from omni_model.layers import MLP
 from omni_moe import MoEConfigError, upcycle_config, upcycle_ffn
 
 

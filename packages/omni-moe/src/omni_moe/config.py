@@ -30,6 +30,7 @@ class MoEConfig:
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(D, 1)) on shared out
     first_k_dense_replace: int = 0  # the first k layers keep a dense MLP
     moe_layer_freq: int = 1  # after those, every n-th layer is MoE
+    dense_layers: tuple[int, ...] = ()  # listed layers keep a dense MLP too (Qwen2-MoE's mlp_only_layers)
 
     def __post_init__(self) -> None:
         for name in ("n_experts", "top_k", "expert_dim", "n_group", "topk_group", "moe_layer_freq"):
@@ -62,6 +63,8 @@ class MoEConfig:
             raise MoEConfigError(f"shared_expert_dim must be >= 1, got {self.shared_expert_dim}")
         if self.shared_expert_dim is not None and self.n_shared_experts == 0:
             raise MoEConfigError("shared_expert_dim is set but n_shared_experts is 0")
+        if any(not isinstance(i, int) or i < 0 for i in self.dense_layers):
+            raise MoEConfigError(f"dense_layers must hold layer indices >= 0, got {self.dense_layers!r}")
         if self.shared_expert_gate and self.n_shared_experts == 0:
             raise MoEConfigError("shared_expert_gate needs n_shared_experts >= 1")
 
@@ -73,7 +76,8 @@ class MoEConfig:
         return self.shared_expert_dim or self.expert_dim * self.n_shared_experts
 
     def is_moe_layer(self, i: int) -> bool:
-        """Whether decoder layer i is MoE (DeepSeek-V3's rule: past the dense prefix, every freq-th)."""
+        """Whether decoder layer i is MoE (DeepSeek's rule: past the dense prefix, every freq-th; and
+        not one of `dense_layers`)."""
         if i < 0:
             raise MoEConfigError(f"layer index must be >= 0, got {i}")
-        return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+        return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0 and i not in self.dense_layers

@@ -1,13 +1,14 @@
 """Hugging Face folders: `config.json` plus safetensors weights, sharded or not.
 
-Llama, Mistral, Qwen2, Qwen3 and SmolLM (a Llama) map onto one `ModelConfig`. Both spellings of the
-RoPE settings are read: `rope_theta` + `rope_scaling` (transformers 4) and `rope_parameters` (5).
+Llama, Mistral, Qwen2, Qwen3, SmolLM (a Llama), Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3
+(omni_model.checkpoint.deepseek) map onto one `ModelConfig`. Both spellings of the RoPE settings
+are read: `rope_theta` + `rope_scaling` (transformers 4) and `rope_parameters` (5).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from omni_model.checkpoint import deepseek
+from omni_model.checkpoint.fields import MAX_LISTED_LAYERS, positive, short
 from omni_model.config import ModelConfig, RopeConfig
 from omni_model.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from omni_moe import MoEConfig, MoEConfigError
@@ -31,8 +34,9 @@ ARCHITECTURES = {
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "deepseek_v3",
 }
-MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe"}
+MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
 QWEN = {"qwen2", "qwen3", "qwen2_moe", "qwen3_moe"}
 INDEX = "model.safetensors.index.json"
 
@@ -55,10 +59,10 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
     for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a JSON object, got {_short(value)}")
+            raise ConfigError(f"{key} must be a JSON object, got {short(value)}")
     params = {**scaling, **params}
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    theta = _positive({"rope_theta": theta}, "rope_theta", float)
+    theta = positive({"rope_theta": theta}, "rope_theta", float)
     kind = params.get("rope_type", params.get("type", "default"))
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UnsupportedArchitectureError(
@@ -78,39 +82,11 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
             continue
         if theirs != "truncate" and (isinstance(value, bool) or not isinstance(value, int | float)):
             where = "rope_parameters" if theirs in (hf.get("rope_parameters") or {}) else "rope_scaling"
-            raise ConfigError(f"{where} field {theirs} must be a number, got {_short(value)}")
+            raise ConfigError(f"{where} field {theirs} must be a number, got {short(value)}")
         kw[ours] = value
     if kind in ("yarn", "dynamic") and "original_max_position" not in kw:
         kw["original_max_position"] = hf.get("max_position_embeddings")
     return RopeConfig(**kw)
-
-
-_REQUIRED = object()
-_MAX_LISTED_LAYERS = 2**16  # far beyond any real checkpoint
-
-
-def _positive(hf: dict[str, Any], key: str, kind: type = int, default: Any = _REQUIRED) -> Any:
-    """hf[key] as a positive int (or finite float); None passes when it is the default."""
-    value = hf.get(key, default)
-    if value is _REQUIRED:
-        raise ConfigError(f"config.json lacks the field {key!r}")
-    if value is None and default is None:
-        return None
-    ok = not isinstance(value, bool) and isinstance(value, int if kind is int else int | float)
-    if ok and kind is float:
-        try:
-            ok = math.isfinite(float(value))
-        except OverflowError:  # an int beyond float range
-            ok = False
-    if not ok or not value > 0:
-        what = "integer" if kind is int else "finite number"
-        raise ConfigError(f"{key} must be a positive {what}, got {_short(value)}")
-    return kind(value)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -118,36 +94,38 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     kind = hf.get("model_type")
     if not isinstance(kind, str) or kind not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
-            f"model_type {_short(kind)} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
+            f"model_type {short(kind)} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
         )
-    n_heads = _positive(hf, "num_attention_heads")
-    n_layers = _positive(hf, "num_hidden_layers")
+    n_heads = positive(hf, "num_attention_heads")
+    n_layers = positive(hf, "num_hidden_layers")
     try:
         window = hf.get("sliding_window")
         if kind in QWEN and not hf.get("use_sliding_window", False):
             window = None
-        window = _positive({"sliding_window": window}, "sliding_window", default=None)
+        window = positive({"sliding_window": window}, "sliding_window", default=None)
         sliding_layers = None
         layer_types = hf.get("layer_types")
         if window is not None and layer_types is not None:
             sliding_layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
         elif window is not None and kind in QWEN:
             first = hf.get("max_window_layers", n_layers)
-            if n_layers > _MAX_LISTED_LAYERS:  # the tuple below would take memory and time per layer
+            if n_layers > MAX_LISTED_LAYERS:  # the tuple below would take memory and time per layer
                 raise ConfigError(
-                    f"num_hidden_layers must be at most {_MAX_LISTED_LAYERS:,}, got {n_layers:,}"
+                    f"num_hidden_layers must be at most {MAX_LISTED_LAYERS:,}, got {n_layers:,}"
                 )
             sliding_layers = tuple(range(first, n_layers))
+        if kind == "deepseek_v3":
+            return _deepseek_config(hf, n_layers, n_heads)
         return ModelConfig(
-            vocab_size=_positive(hf, "vocab_size"),
-            dim=_positive(hf, "hidden_size"),
+            vocab_size=positive(hf, "vocab_size"),
+            dim=positive(hf, "hidden_size"),
             n_layers=n_layers,
             n_heads=n_heads,
-            n_kv_heads=_positive(hf, "num_key_value_heads", default=None) or n_heads,
-            ffn_dim=_positive(hf, "intermediate_size"),
-            head_dim=_positive(hf, "head_dim", default=None),
-            norm_eps=_positive(hf, "rms_norm_eps", float, 1e-6),
-            max_seq_len=_positive(hf, "max_position_embeddings", default=2048),
+            n_kv_heads=positive(hf, "num_key_value_heads", default=None) or n_heads,
+            ffn_dim=positive(hf, "intermediate_size"),
+            head_dim=positive(hf, "head_dim", default=None),
+            norm_eps=positive(hf, "rms_norm_eps", float, 1e-6),
+            max_seq_len=positive(hf, "max_position_embeddings", default=2048),
             rope=rope_from_hf(hf),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=bool(hf.get("attention_bias", hf.get("qkv_bias", kind in ("qwen2", "qwen2_moe")))),
@@ -162,29 +140,87 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"config.json has a field of the wrong type: {e}") from None
 
 
+def _deepseek_config(hf: dict[str, Any], n_layers: int, n_heads: int) -> ModelConfig:
+    mla, rope = deepseek.mla_from_hf(hf), rope_from_hf(hf)
+    return ModelConfig(
+        vocab_size=positive(hf, "vocab_size"),
+        dim=positive(hf, "hidden_size"),
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_heads,  # latent attention has no kv heads of its own
+        ffn_dim=positive(hf, "intermediate_size"),
+        head_dim=mla.qk_head_dim,
+        norm_eps=positive(hf, "rms_norm_eps", float, 1e-6),
+        max_seq_len=positive(hf, "max_position_embeddings", default=2048),
+        rope=rope,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=bool(hf.get("attention_bias", False)),
+        attention_scale=deepseek.softmax_scale(mla, rope),
+        bos_token_id=_token_id(hf.get("bos_token_id")),
+        eos_token_id=_token_id(hf.get("eos_token_id")),
+        moe=deepseek.moe_from_hf(hf),
+        mla=mla,
+        mtp_depth=deepseek.mtp_depth_declared(hf),
+    )
+
+
+def convert_weights(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, hf: dict[str, Any]
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Checkpoint tensors -> our names and layouts; the config loses MTP modules the weights lack."""
+    kind = hf["model_type"]
+    if kind == "deepseek_v3":
+        assert cfg.mla is not None  # config_from_hf sets it for deepseek_v3
+        depth = deepseek.mtp_layers_present(state, cfg.n_layers, cfg.mtp_depth)
+        if depth != cfg.mtp_depth:
+            cfg = dataclasses.replace(cfg, mtp_depth=depth)
+        interleaved = bool(hf.get("rope_interleave", True))
+        state = deepseek.convert_weights(state, cfg.n_layers, depth, cfg.mla, cfg.n_heads, interleaved)
+    return cfg, convert_moe_weights(state, cfg, kind)
+
+
 def moe_from_hf(hf: dict[str, Any], kind: str) -> MoEConfig | None:
     """The MoE settings of Mixtral, Qwen2-MoE and Qwen3-MoE configs (None for dense families)."""
     if kind not in MOE_FAMILIES:
         return None
-    if kind != "mixtral" and (hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers")):
-        raise UnsupportedArchitectureError(
-            "dense layers among MoE ones (decoder_sparse_step, mlp_only_layers)"
-        )
+    dense_layers: tuple[int, ...] = ()
+    if kind != "mixtral":
+        dense_layers = _qwen_dense_layers(hf)
     # transformers 5 stores Qwen3-MoE's num_experts as num_local_experts (an attribute_map alias).
-    n_experts = _positive(hf, "num_local_experts" if "num_local_experts" in hf else "num_experts")
-    shared = kind == "qwen2_moe" and _positive(hf, "shared_expert_intermediate_size", default=0) > 0
+    n_experts = positive(hf, "num_local_experts" if "num_local_experts" in hf else "num_experts")
+    shared = kind == "qwen2_moe" and positive(hf, "shared_expert_intermediate_size", default=0) > 0
     try:
         return MoEConfig(
             n_experts=n_experts,
-            top_k=_positive(hf, "num_experts_per_tok"),
-            expert_dim=_positive(hf, "intermediate_size" if kind == "mixtral" else "moe_intermediate_size"),
+            top_k=positive(hf, "num_experts_per_tok"),
+            expert_dim=positive(hf, "intermediate_size" if kind == "mixtral" else "moe_intermediate_size"),
             norm_topk_prob=kind == "mixtral" or bool(hf.get("norm_topk_prob", False)),
             n_shared_experts=1 if shared else 0,
             shared_expert_dim=hf["shared_expert_intermediate_size"] if shared else None,
             shared_expert_gate=shared,
+            dense_layers=dense_layers,
         )
     except MoEConfigError as e:
         raise ConfigError(str(e)) from None
+
+
+def _qwen_dense_layers(hf: dict[str, Any]) -> tuple[int, ...]:
+    """Qwen-MoE's dense layers: those in mlp_only_layers, and all but every decoder_sparse_step-th
+    (layer i is sparse when (i + 1) % step == 0)."""
+    n_layers = positive(hf, "num_hidden_layers")
+    step = positive(hf, "decoder_sparse_step", default=1)
+    only = hf.get("mlp_only_layers") or []
+    if not isinstance(only, list) or any(not isinstance(i, int) or isinstance(i, bool) for i in only):
+        raise ConfigError(f"mlp_only_layers must be a list of layer indices, got {short(only)}")
+    bad = [i for i in only if not 0 <= i < n_layers]
+    if bad:
+        raise ConfigError(f"mlp_only_layers holds layer indices outside 0..{n_layers - 1}: {bad[:5]}")
+    dense = set(only)
+    if step == 1:
+        return tuple(sorted(dense))
+    if n_layers > MAX_LISTED_LAYERS:
+        raise ConfigError(f"num_hidden_layers must be at most {MAX_LISTED_LAYERS:,}, got {n_layers:,}")
+    return tuple(i for i in range(n_layers) if i in dense or (i + 1) % step)
 
 
 def convert_moe_weights(
@@ -195,23 +231,24 @@ def convert_moe_weights(
         return state
     block = "block_sparse_moe" if kind == "mixtral" else "mlp"
     out: dict[str, torch.Tensor] = {}
-    per_layer: dict[int, dict[str, torch.Tensor]] = {}
+    per_layer: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in state.items():
         m = _MOE_KEY.match(name)
-        if m and m.group(2) == block and cfg.is_moe_layer(int(m.group(1))):
-            per_layer.setdefault(int(m.group(1)), {})[m.group(3)] = t
+        # MTP modules (`mtp.k.`) always have an MoE feed-forward in MoE models.
+        if m and m.group(3) == block and (m.group(1) == "mtp" or cfg.is_moe_layer(int(m.group(2)))):
+            per_layer.setdefault(f"{m.group(1)}.{m.group(2)}", {})[m.group(4)] = t
         else:
             out[name] = t
-    for layer, sub in per_layer.items():
+    for prefix, sub in per_layer.items():
         try:
             converted = convert_hf_state_dict(sub, kind)  # type: ignore[arg-type]
         except HFConversionError as e:
-            raise CheckpointError(f"layer {layer}: {e}") from None
-        out.update({f"layers.{layer}.mlp.{k}": v for k, v in converted.items()})
+            raise CheckpointError(f"{prefix.replace('layers.', 'layer ')}: {e}") from None
+        out.update({f"{prefix}.mlp.{k}": v for k, v in converted.items()})
     return out
 
 
-_MOE_KEY = re.compile(r"^layers\.(\d+)\.(block_sparse_moe|mlp)\.(.+)$")
+_MOE_KEY = re.compile(r"^(layers|mtp)\.(\d+)\.(block_sparse_moe|mlp)\.(.+)$")
 
 
 def _token_id(v: Any) -> int | None:
@@ -229,7 +266,7 @@ def weight_files(folder: Path) -> list[Path]:
         files = []
         for name in wm.values():
             if not isinstance(name, str) or not name or "\0" in name:
-                raise CheckpointError(f"{index}: weight_map holds {_short(name)}, not a shard file name")
+                raise CheckpointError(f"{index}: weight_map holds {short(name)}, not a shard file name")
             p = (folder / name).resolve()
             if folder.resolve() not in p.parents:
                 raise CheckpointError(f"{index}: shard {name!r} lies outside the folder")
