@@ -57,6 +57,10 @@ class DenseKVCache:
         """Bytes held by the buffers (allocated, not only used)."""
         return sum(t.numel() * t.element_size() for t in self._k + self._v)
 
+    def bytes_per_token(self) -> int:
+        """Bytes one cached token takes over all layers (keys and values, the whole batch)."""
+        return sum((t.numel() // t.shape[2]) * t.element_size() for t in self._k + self._v)
+
     def _grow(self, layer: int, need: int) -> None:
         cap = self._k[layer].shape[2]
         new_cap = max(need, 2 * cap)

@@ -81,7 +81,8 @@ class Decoder(nn.Module):
 
     def forward_mtp(self, input_ids: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Main logits (B, T, V) and, per MTP module k = 1..D, logits (B, T-k, V) whose row i
-        predicts token i+k+1. A whole-sequence forward (training, evaluation); no cache."""
+        predicts token i+k+1 (the last row: a token past the input, a draft). A whole-sequence
+        forward (training, evaluation); no cache."""
         h = main = self.hidden_states(input_ids)
         emb = self.embed_tokens(input_ids)
         t = input_ids.shape[1]
