@@ -1,8 +1,8 @@
 """Autoregressive generation with a KV cache, at the token level and the text level.
 
 `generate` prefills the prompt in one forward (only the last position's logits are computed), then
-decodes one token per forward from a dense cache sized prompt + max_new_tokens. `generate_text`
-wraps it with a StreamDecoder for streaming text and handles stop strings: the streamed text never
+decodes one token per forward from the model's cache (dense, or latent for MLA models) sized
+prompt + max_new_tokens. `generate_text` wraps it with a StreamDecoder for streaming text and handles stop strings: the streamed text never
 shows any part of a stop string, since text that could be the start of one is held back until it
 is known not to be.
 """
