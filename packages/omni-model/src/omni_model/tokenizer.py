@@ -162,6 +162,20 @@ class Tokenizer:
             special_tokens={"unk_token": name["unknown"], "pad_token": name["padding"]},
         )
 
+    def save(self, folder: Path) -> list[str]:
+        """Write tokenizer.json, tokenizer_config.json (special tokens, chat template) and
+        generation_config.json (end-of-turn ids) so that `from_hf_folder(folder)` gives this
+        tokenizer back; returns the file names."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(folder / "tokenizer.json"))
+        config = {k: v for k, v in self._special_tokens.items() if v is not None}
+        config["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+        generation = {"eos_token_id": sorted(self.eos_token_ids)}
+        (folder / "generation_config.json").write_text(json.dumps(generation), encoding="utf-8")
+        return ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; BOS/EOS are added only where the model asks for them (add_bos_token)."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
