@@ -1,0 +1,245 @@
+"""A decoder as one ONNX graph on ONNX Runtime's contrib operators, built directly (no tracing).
+
+Per layer: `SkipSimplifiedLayerNormalization` (residual add + RMSNorm in one op), one projection for
+q, k and v together, `GroupQueryAttention` (rotary embedding from cos/sin tables, causal masking,
+grouped heads, the KV cache, q/k norm for Qwen3, sliding windows), the output projection, and a
+SwiGLU whose gate and up projections are one matmul. Projections are `MatMul` over float weights or
+`MatMulNBits` over 4/8-bit block-quantized ones (omni_kernels.quant's layout).
+
+Inputs: `input_ids` (batch, sequence) int64; `attention_mask` (batch, total_sequence) int64, ones
+for every cached and new token; `logits_to_keep` int64 scalar (0: logits for every position, k:
+the last k); `past_key_values.{i}.key|value` (batch, kv_heads, past_sequence, head_dim). Outputs:
+`logits` (batch, kept positions, vocab) float32 and `present.{i}.key|value`. When a runtime binds
+a past buffer of max_sequence positions to its present output as well, GroupQueryAttention writes
+the new entries in place: decode copies nothing (omni_runtime does this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Union
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from omni_export.errors import UnsupportedExportError
+from omni_export.graph import MS, Graph
+from omni_model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from omni_kernels.quant import PackedWeight
+
+Weight = Union[np.ndarray, "PackedWeight"]  # a linear's (N, K) weight: float, or block-quantized
+WeightFormat = Literal["float32", "float16", "int8", "int4"]
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    weights: WeightFormat = "float32"
+    accuracy_level: int = 4  # MatMulNBits: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
+    max_seq_len: int = 2048  # rows of the rotary tables: the longest sequence the graph serves
+
+    def __post_init__(self) -> None:
+        if self.weights not in ("float32", "float16", "int8", "int4"):
+            raise UnsupportedExportError(
+                f"weights must be float32, float16, int8 or int4, got {self.weights!r}"
+            )
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UnsupportedExportError(f"accuracy_level must be 0..4, got {self.accuracy_level!r}")
+        if self.max_seq_len < 1:
+            raise UnsupportedExportError(f"max_seq_len must be positive, got {self.max_seq_len}")
+
+
+def check_supported(cfg: ModelConfig) -> None:
+    """Raise UnsupportedExportError naming what this exporter cannot express yet."""
+    if cfg.mla is not None:
+        raise UnsupportedExportError("latent attention (MLA) models are not supported by the ONNX export yet")
+    if cfg.moe is not None:
+        raise UnsupportedExportError("mixture-of-experts models are not supported by the ONNX export yet")
+    if cfg.rope.type == "dynamic":
+        raise UnsupportedExportError(
+            "rope type 'dynamic' is not supported by the ONNX export (its frequencies depend on the length)"
+        )
+
+
+def rope_tables(cfg: ModelConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (n, rotary_dim/2) for positions 0..n-1, with the scaling variant's attention factor."""
+    from omni_model.rope import inv_frequencies
+
+    inv, scale = inv_frequencies(cfg.rope, cfg.rope_dim, None, cfg.max_seq_len)
+    freqs = np.outer(np.arange(n, dtype=np.float64), inv.double().numpy())
+    return (np.cos(freqs) * scale).astype(np.float32), (np.sin(freqs) * scale).astype(np.float32)
+
+
+def concat_rows(ws: list[Weight]) -> Weight:
+    """One weight whose output rows are those of `ws` in order (fused projections)."""
+    if all(isinstance(w, np.ndarray) for w in ws):
+        return np.concatenate(ws, axis=0)
+    if not any(isinstance(w, np.ndarray) for w in ws):
+        return type(ws[0]).concat(ws)  # type: ignore[union-attr]
+    raise UnsupportedExportError("cannot fuse float and quantized projections into one")
+
+
+class _Builder:
+    def __init__(self, cfg: ModelConfig, weights: Mapping[str, Weight], opts: GraphOptions) -> None:
+        self.cfg, self.w, self.opts = cfg, weights, opts
+        self.g = Graph("omnicoder_decoder")
+
+    def float_const(self, name: str, array: np.ndarray) -> str:
+        if self.opts.weights == "float16":
+            return self.g.op("Cast", [self.g.const(name, array.astype(np.float16))], to=TensorProto.FLOAT)
+        return self.g.const(name, array.astype(np.float32))
+
+    def linear(
+        self, x: str, w: Weight, name: str, bias: np.ndarray | None = None, out: str | None = None
+    ) -> str:
+        """x @ w.T (+ bias) through MatMul (float weights) or MatMulNBits (packed); `out` names the result."""
+        g = self.g
+        outs = [out] if out else 1
+        if isinstance(w, np.ndarray):
+            wt = self.float_const(name + ".weight_t", np.ascontiguousarray(w.T))
+            if bias is None:
+                return g.op("MatMul", [x, wt], name=name, outputs=outs)  # type: ignore[return-value]
+            y = g.op("MatMul", [x, wt], name=name)
+            return g.op("Add", [y, g.const(name + ".bias", bias.astype(np.float32))], outputs=outs)  # type: ignore[return-value]
+        zp = "" if w.zero_points is None else g.const(name + ".zero_points", w.zero_points)
+        b = "" if bias is None else g.const(name + ".bias", bias.astype(np.float32))
+        return g.op(  # type: ignore[return-value]
+            "MatMulNBits", [x, g.const(name + ".qweight", w.packed), g.const(name + ".scales", w.scales), zp, "", b],
+            domain=MS, name=name, outputs=outs, K=w.k, N=w.n, bits=w.bits, block_size=w.block_size,
+            accuracy_level=self.opts.accuracy_level,
+        )  # fmt: skip
+
+    def vector(self, name: str) -> str:
+        return self.g.const(name, np.asarray(self.w[name], dtype=np.float32))
+
+    def build(self) -> onnx.ModelProto:
+        cfg, g = self.cfg, self.g
+        hkv, dh = cfg.n_kv_heads, cfg.head_size
+        ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
+        mask = g.input("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])
+        keep = g.input("logits_to_keep", TensorProto.INT64, [])
+        g.output("logits", TensorProto.FLOAT, ["batch", "kept_sequence", cfg.vocab_size])
+        past = []
+        for i in range(cfg.n_layers):
+            shape = ["batch", hkv, "past_sequence", dh]
+            past.append((g.input(f"past_key_values.{i}.key", TensorProto.FLOAT, shape),
+                         g.input(f"past_key_values.{i}.value", TensorProto.FLOAT, shape)))  # fmt: skip
+        # GroupQueryAttention's view of the lengths: index of each row's last token, and the total.
+        lens = g.op("ReduceSum", [mask, g.const("axis1", np.array([1], np.int64))], keepdims=0)
+        seqlens_k = g.op(
+            "Cast", [g.op("Sub", [lens, g.const("one", np.array(1, np.int64))])], to=TensorProto.INT32
+        )
+        total = g.op("Cast", [g.op("Gather", [g.op("Shape", [mask]), g.const("idx1", np.array(1, np.int64))])],
+                     to=TensorProto.INT32)  # fmt: skip
+        cos, sin = rope_tables(cfg, self.opts.max_seq_len)
+        cos_name, sin_name = g.const("rope.cos", cos), g.const("rope.sin", sin)
+
+        x = self.embed(ids)  # (B, S, D) residual stream
+        h = g.op("SimplifiedLayerNormalization", [x, self.vector("layers.0.input_layernorm.weight")],
+                 axis=-1, epsilon=cfg.norm_eps)  # fmt: skip
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            attn = self.attention(i, h, past[i], seqlens_k, total, cos_name, sin_name)
+            h, x = self.skip_norm(attn, x, p + "post_attention_layernorm.weight")
+            mlp = self.mlp(p, h)
+            nxt = f"layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.n_layers else "norm.weight"
+            h, x = self.skip_norm(mlp, x, nxt)
+        starts = g.op("Neg", [g.op("Reshape", [keep, g.const("shape1", np.array([1], np.int64))])])
+        h = g.op(
+            "Slice",
+            [
+                h,
+                starts,
+                g.const("int64_max", np.array([INT64_MAX], np.int64)),
+                g.const("axes1", np.array([1], np.int64)),
+            ],
+        )
+        head = (
+            self.w.get("lm_head.weight", self.w["embed_tokens.weight"])
+            if cfg.tie_embeddings
+            else self.w["lm_head.weight"]
+        )
+        self.linear(h, head, "lm_head", out="logits")
+        return g.model()
+
+    def embed(self, ids: str) -> str:
+        g, table = self.g, self.w["embed_tokens.weight"]
+        if isinstance(table, np.ndarray):
+            return g.op("Gather", [self.float_const("embed_tokens.weight", table), ids])
+        return g.op(
+            "GatherBlockQuantized",
+            [g.const("embed.qweight", table.packed.reshape(table.n, -1)), ids, g.const("embed.scales", table.scales)]
+            + ([g.const("embed.zero_points", table.zero_points)] if table.zero_points is not None else []),
+            domain=MS, gather_axis=0, quantize_axis=1, block_size=table.block_size, bits=table.bits,
+        )  # fmt: skip
+
+    def skip_norm(self, y: str, residual: str, gain: str) -> tuple[str, str]:
+        """(RMSNorm(residual + y) * gain, residual + y)."""
+        out = self.g.op(
+            "SkipSimplifiedLayerNormalization", [y, residual, self.vector(gain)], domain=MS, outputs=4,
+            epsilon=self.cfg.norm_eps,
+        )  # fmt: skip
+        return out[0], out[3]
+
+    def attention(
+        self, i: int, h: str, past: tuple[str, str], seqlens_k: str, total: str, cos: str, sin: str
+    ) -> str:
+        cfg, g, w = self.cfg, self.g, self.w
+        p = f"layers.{i}.self_attn."
+        qkv_w = concat_rows([w[p + "q_proj.weight"], w[p + "k_proj.weight"], w[p + "v_proj.weight"]])
+        bias = None
+        if cfg.qkv_bias:
+            bias = np.concatenate([np.asarray(w[p + n + "_proj.bias"]) for n in "qkv"])
+        qkv = self.linear(h, qkv_w, p + "qkv_proj", bias)
+        q_k_v = [qkv, "", ""]  # packed: GroupQueryAttention splits q, k and v itself
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head of q and k before the rotation
+            dh = cfg.head_size
+            sizes = g.const(
+                "qkv_sizes", np.array([cfg.n_heads * dh, cfg.n_kv_heads * dh, cfg.n_kv_heads * dh], np.int64)
+            )
+            q, k, v = g.op("Split", [qkv, sizes], outputs=3, axis=-1)
+            q_k_v = [self.head_norm(q, p + "q_norm.weight"), self.head_norm(k, p + "k_norm.weight"), v]
+        window = cfg.window_of(i)
+        out = g.op(
+            "GroupQueryAttention",
+            [*q_k_v, past[0], past[1], seqlens_k, total, cos, sin],
+            outputs=[g.unique(f"{p}attn"), f"present.{i}.key", f"present.{i}.value"], domain=MS, name=p + "gqa",
+            num_heads=cfg.n_heads, kv_num_heads=cfg.n_kv_heads, do_rotary=1, rotary_interleaved=0,
+            scale=cfg.softmax_scale, local_window_size=-1 if window is None else window,
+        )  # fmt: skip
+        shape = ["batch", cfg.n_kv_heads, "total_sequence", cfg.head_size]
+        g.output(f"present.{i}.key", TensorProto.FLOAT, shape)
+        g.output(f"present.{i}.value", TensorProto.FLOAT, shape)
+        return self.linear(out[0], w[p + "o_proj.weight"], p + "o_proj")
+
+    def head_norm(self, x: str, gain: str) -> str:
+        """RMSNorm over each head_dim slice of x (B, S, heads * head_dim)."""
+        g, dh = self.g, self.cfg.head_size
+        heads = g.op("Reshape", [x, g.const("per_head", np.array([0, 0, -1, dh], np.int64))])
+        normed = g.op(
+            "SimplifiedLayerNormalization", [heads, self.vector(gain)], axis=-1, epsilon=self.cfg.norm_eps
+        )
+        return g.op("Reshape", [normed, g.const("merge_heads", np.array([0, 0, -1], np.int64))])
+
+    def mlp(self, p: str, h: str) -> str:
+        g, w = self.g, self.w
+        gate_up = self.linear(
+            h,
+            concat_rows([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
+            p + "mlp.gate_up_proj",
+        )
+        gate, up = g.op("Split", [gate_up], outputs=2, axis=-1, num_outputs=2)
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+        return self.linear(act, w[p + "mlp.down_proj.weight"], p + "mlp.down_proj")
+
+
+def build_decoder_graph(
+    cfg: ModelConfig, weights: Mapping[str, Weight], opts: GraphOptions
+) -> onnx.ModelProto:
+    """The decoder `cfg` with `weights` (plain module names -> float arrays or packed weights)."""
+    check_supported(cfg)
+    return _Builder(cfg, weights, opts).build()
