@@ -114,25 +114,35 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def gguf_target(g: GGUFFile, cfg: ModelConfig, name: str) -> tuple[str, int | None]:
+    """Our module name for GGUF tensor `name`, and the head count to un-permute its rows by (q/k of
+    llama-style files) or None."""
+    if name in _GLOBAL:
+        return _GLOBAL[name], None
+    match = _BLOCK_RE.match(name)
+    if match is None or match.group(2) not in _BLOCK:
+        raise CheckpointError(f"{g.path}: unexpected tensor {name!r}")
+    layer, part, kind = match.groups()
+    heads = None
+    if g.architecture in PERMUTED_QK and part in ("attn_q", "attn_k"):
+        heads = cfg.n_heads if part == "attn_q" else cfg.n_kv_heads
+        rows = int(g.tensors[name].shape[-1]) if len(g.tensors[name].shape) > 1 else 0
+        if rows % (2 * heads):
+            raise CheckpointError(f"{g.path}: tensor {name!r} with {rows} rows does not fit {heads} heads")
+    return f"layers.{layer}.{_BLOCK[part]}.{kind}", heads
+
+
+def unpermute_rows(rows: int, n_heads: int) -> list[int]:
+    """The row order that undoes llama.cpp's q/k permutation (interleaved pairs -> half-split)."""
+    idx = torch.arange(rows)
+    return _unpermute(idx, n_heads).tolist()
+
+
 def gguf_state_dict(g: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Dequantized float32 weights keyed by our module names."""
     out: dict[str, torch.Tensor] = {}
-    permute = g.architecture in PERMUTED_QK
     for name in g.tensors:
-        if name in _GLOBAL:
-            out[_GLOBAL[name]] = g.tensor(name)
-            continue
-        match = _BLOCK_RE.match(name)
-        if match is None or match.group(2) not in _BLOCK:
-            raise CheckpointError(f"{g.path}: unexpected tensor {name!r}")
-        layer, part, kind = match.groups()
+        ours, heads = gguf_target(g, cfg, name)
         t = g.tensor(name)
-        if permute and part in ("attn_q", "attn_k"):
-            heads = cfg.n_heads if part == "attn_q" else cfg.n_kv_heads
-            if t.shape[0] % (2 * heads):
-                raise CheckpointError(
-                    f"{g.path}: tensor {name!r} of shape {tuple(t.shape)} does not fit {heads} heads"
-                )
-            t = _unpermute(t, heads)
-        out[f"layers.{layer}.{_BLOCK[part]}.{kind}"] = t
+        out[ours] = t if heads is None else _unpermute(t, heads)
     return out
