@@ -11,26 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omni_model.errors import ConfigError, DataError
-
-
-@dataclass(frozen=True)
-class PerplexityResult:
-    ppl: float
-    nll_sum: float  # natural-log NLL summed over the scored tokens
-    n_scored: int
-    n_windows: int
-    context: int
-
-    @property
-    def nll_mean(self) -> float:
-        return self.nll_sum / self.n_scored
+from omni_model.errors import DataError
+from omni_model.metrics import PerplexityResult, check_perplexity_args
 
 
 def perplexity(
@@ -45,17 +32,7 @@ def perplexity(
 
     `max_tokens` keeps only the first tokens; `on_progress(done, total)` is called after each window.
     """
-    if isinstance(context, bool) or not isinstance(context, int) or context < 2:
-        raise ConfigError(
-            f"context must be an integer >= 2 (one token to condition on, one to score), got {context!r}"
-        )
-    max_seq_len = model.config.max_seq_len
-    if context > max_seq_len:
-        raise ConfigError(f"context ({context}) exceeds the model's max_seq_len ({max_seq_len})")
-    if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2
-    ):
-        raise ConfigError(f"max_tokens must be an integer >= 2, got {max_tokens!r}")
+    check_perplexity_args(context, max_tokens, model.config.max_seq_len)
     ids = token_ids if isinstance(token_ids, Tensor) else torch.tensor(list(token_ids), dtype=torch.long)
     ids = ids.reshape(-1).to(torch.long)[:max_tokens]
     # A trailing window of one token has nothing to score; it is dropped, not counted.
