@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from omni_kernels.errors import KernelError
+
 __all__ = ["Isa", "KernelError", "available", "gemv_f32", "linear_f32", "supported_isas"]
-
-
-class KernelError(ValueError):
-    """An input the native kernel cannot take: wrong shape, dtype, device or layout."""
 
 
 class Isa(IntEnum):
