@@ -12,10 +12,11 @@ import typer
 from rich.markup import escape
 
 from omni_model.errors import OmniError
-from omni_model.sampling import SamplingConfig
+from omni_model.sampling_config import SamplingConfig
 from omni_model.zoo import DEFAULT_MODEL
-from press_play.common import describe, err, load_model, out, reporting_errors
+from press_play.common import err, open_runner, out, reporting_errors
 from press_play.generate_cmd import (
+    EngineOption,
     MaxNewTokens,
     MinP,
     Model,
@@ -33,6 +34,7 @@ HELP = "[dim]/reset clears the history, /exit (or Ctrl-D) leaves; Ctrl-C stops a
 
 def chat(
     model: Model = DEFAULT_MODEL,
+    engine: EngineOption = "auto",
     system: Annotated[
         str | None, typer.Option("--system", help="A system message that opens the conversation.")
     ] = None,
@@ -50,10 +52,10 @@ def chat(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed,
         )  # fmt: skip
-        lm, _ = load_model(model)
+        runner = open_runner(model, engine)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    err.print(f"[bold]{escape(lm.source)}[/bold] [dim]({describe(lm)})[/dim]", soft_wrap=True)
+    err.print(f"[bold]{escape(runner.source)}[/bold] [dim]({runner.description})[/dim]", soft_wrap=True)
     err.print(HELP)
     while True:
         try:
@@ -74,7 +76,7 @@ def chat(
             continue
         messages = [*history, {"role": "user", "content": line}]
         try:
-            result = stream_reply(lm, chat_prompt(lm, messages), config)
+            result = stream_reply(runner, chat_prompt(runner, messages), config)
         except OmniError as e:
             err.print(f"[red]error:[/red] {escape(str(e))} [dim](/reset starts over)[/dim]", soft_wrap=True)
             continue

@@ -14,8 +14,9 @@ from typing import Annotated
 import typer
 
 from press_play.chat_cmd import chat
-from press_play.common import out, reporting_errors
+from press_play.common import out, reporting_errors, settings
 from press_play.eval_cmd import eval_app
+from press_play.export_cmd import export
 from press_play.generate_cmd import generate
 from press_play.tour import run_tour
 
@@ -31,6 +32,7 @@ app = typer.Typer(
 )
 app.command()(generate)
 app.command()(chat)
+app.command()(export)
 app.add_typer(eval_app, name="eval")
 
 
@@ -64,7 +66,9 @@ def root(
     ctx: typer.Context,
     threads: Annotated[
         int | None,
-        typer.Option("--threads", min=1, help="CPU threads for torch. [dim]Default: all cores.[/dim]"),
+        typer.Option(
+            "--threads", min=1, help="CPU threads for torch and ONNX Runtime. [dim]Default: all cores.[/dim]"
+        ),
     ] = None,
     version: Annotated[
         bool,
@@ -79,7 +83,8 @@ def root(
     """OmniCoder's press-play: run, chat with and evaluate small on-device language models."""
     import torch
 
-    torch.set_num_threads(threads or _all_cores())
+    settings.threads = threads or _all_cores()
+    torch.set_num_threads(settings.threads)
     if ctx.invoked_subcommand is None:
         with reporting_errors():
             DEFAULT_ACTION()

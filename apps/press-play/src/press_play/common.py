@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -20,6 +21,8 @@ from omni_model.errors import DataError, OmniError
 
 if TYPE_CHECKING:
     from omni_model.loader import LoadedModel
+    from omni_model.tokenizer import Tokenizer
+    from omni_runtime.engine import Engine
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -52,6 +55,56 @@ def load_model(source: str) -> tuple[LoadedModel, float]:
     with err.status(f"loading {escape(source)}"):
         lm = omni_model.load(source)
     return lm, time.perf_counter() - t0
+
+
+@dataclass
+class Settings:
+    threads: int = 2  # CPU threads for torch and ONNX Runtime; the root callback sets it
+
+
+settings = Settings()
+
+
+@dataclass
+class Runner:
+    """What the generate, chat and eval commands run: an engine, its tokenizer, and words for both."""
+
+    engine: Engine
+    tokenizer: Tokenizer
+    source: str
+    description: str
+
+
+def is_exported(source: str) -> bool:
+    return (Path(source) / "manifest.json").is_file()
+
+
+def open_runner(source: str, engine: str = "auto") -> Runner:
+    """`engine` "torch" loads the model with omni_model; "onnx" opens an exported folder (press-play
+    export) with ONNX Runtime; "auto" picks onnx for an exported folder and torch otherwise."""
+    if engine not in ("auto", "torch", "onnx"):
+        raise DataError(f"--engine {engine}: must be auto, torch or onnx")
+    if engine == "onnx" or (engine == "auto" and is_exported(source)):
+        from omni_model.tokenizer import Tokenizer
+        from omni_runtime.ort_engine import OrtEngine
+
+        with err.status(f"opening {escape(source)} with ONNX Runtime"):
+            ort_engine = OrtEngine(source, threads=settings.threads)
+            tok = Tokenizer.from_hf_folder(Path(source))
+        q = ort_engine.manifest["quantization"]["weights"]
+        cfg = ort_engine.manifest["config"]
+        desc = (
+            f"ONNX, {q} weights, {cfg['n_layers']} layers, dim {cfg['dim']}, context {ort_engine.max_seq_len}"
+        )
+        return Runner(ort_engine, tok, source, desc)
+    lm, _ = load_model(source)
+    return runner_for(lm)
+
+
+def runner_for(lm: LoadedModel) -> Runner:
+    from omni_runtime.torch_engine import TorchEngine
+
+    return Runner(TorchEngine(lm), lm.tokenizer, lm.source, describe(lm))
 
 
 def describe(lm: LoadedModel) -> str:

@@ -11,22 +11,21 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from omni_model.zoo import DEFAULT_MODEL
-from press_play.common import err, load_model, out, read_text, reporting_errors
-from press_play.generate_cmd import Model
+from press_play.common import Runner, err, open_runner, out, read_text, reporting_errors
+from press_play.generate_cmd import EngineOption, Model
 
 if TYPE_CHECKING:
-    from omni_model.loader import LoadedModel
-    from omni_model.perplexity import PerplexityResult
+    from omni_model.metrics import PerplexityResult
 
 eval_app = typer.Typer(help="Evaluate a model.", no_args_is_help=True, rich_markup_mode="rich")
 
 
-def text_perplexity(lm: LoadedModel, text: str, context: int, max_tokens: int | None,
+def text_perplexity(runner: Runner, text: str, context: int, max_tokens: int | None,
                     show_progress: bool = True) -> tuple[PerplexityResult, int, float]:  # fmt: skip
     """Tokenize and score a text, with a progress bar over windows on stderr; also tokens and seconds."""
-    from omni_model.perplexity import perplexity
+    from omni_runtime.perplexity import perplexity
 
-    ids = lm.tokenizer.encode(text)
+    ids = runner.tokenizer.encode(text)
     n_tokens = len(ids) if max_tokens is None else min(len(ids), max_tokens)
     t0 = time.perf_counter()
     columns = (
@@ -41,7 +40,7 @@ def text_perplexity(lm: LoadedModel, text: str, context: int, max_tokens: int | 
         *columns, console=err, transient=True, disable=not (show_progress and err.is_terminal)
     ) as bar:
         task = bar.add_task("windows", total=None)
-        result = perplexity(lm.model, ids, context, max_tokens=max_tokens,
+        result = perplexity(runner.engine, ids, context, max_tokens=max_tokens,
                             on_progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
     return result, n_tokens, time.perf_counter() - t0
 
@@ -49,6 +48,7 @@ def text_perplexity(lm: LoadedModel, text: str, context: int, max_tokens: int | 
 @eval_app.command("perplexity")
 def perplexity_cmd(
     model: Model = DEFAULT_MODEL,
+    engine: EngineOption = "auto",
     text: Annotated[
         str,
         typer.Option(
@@ -71,17 +71,19 @@ def perplexity_cmd(
     """
     with reporting_errors():
         body = read_text(text)
-        lm, _ = load_model(model)
-        result, n_tokens, seconds = text_perplexity(lm, body, context, max_tokens, show_progress=not as_json)
+        runner = open_runner(model, engine)
+        result, n_tokens, seconds = text_perplexity(
+            runner, body, context, max_tokens, show_progress=not as_json
+        )
     if as_json:
-        record = {"model": lm.source, "text": text, "n_tokens": n_tokens, "context": result.context,
+        record = {"model": runner.source, "engine": runner.engine.name, "text": text, "n_tokens": n_tokens, "context": result.context,
                   "n_windows": result.n_windows, "n_scored": result.n_scored, "nll_sum": result.nll_sum,
                   "ppl": result.ppl, "seconds": round(seconds, 3)}  # fmt: skip
         typer.echo(json.dumps(record))
         return
     out.print(f"perplexity [bold]{result.ppl:.3f}[/bold]", highlight=False)
     err.print(
-        f"[dim]{escape(lm.source)} on {escape(text)}: {n_tokens} tokens in {result.n_windows} windows of "
+        f"[dim]{escape(runner.source)} ({runner.engine.name}) on {escape(text)}: {n_tokens} tokens in {result.n_windows} windows of "
         f"{context}, {result.n_scored} scored, {seconds:.1f}s[/dim]",
         soft_wrap=True,
     )

@@ -10,15 +10,21 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from omni_model.sampling import SamplingConfig
+from omni_model.sampling_config import SamplingConfig
 from omni_model.zoo import DEFAULT_MODEL
-from press_play.common import err, load_model, reporting_errors
+from press_play.common import Runner, err, open_runner, reporting_errors
 
 if TYPE_CHECKING:
-    from omni_model.generate import GenerationResult
-    from omni_model.loader import LoadedModel
+    from omni_model.streaming import GenerationResult
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Hugging Face folder, .gguf file or zoo name.")]
+Model = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Hugging Face folder, .gguf file, zoo name, or an exported folder."),
+]
+EngineOption = Annotated[
+    str,
+    typer.Option("--engine", help="torch, onnx (an exported folder), or auto: onnx for exported folders."),
+]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.")]
 TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 is off.")]
@@ -48,15 +54,15 @@ def stats_line(r: GenerationResult) -> str:
             f"prompt {r.n_prompt} tokens in {r.prefill_seconds:.2f}s, finish: {r.finish_reason}")  # fmt: skip
 
 
-def chat_prompt(lm: LoadedModel, messages: list[dict[str, str]]) -> str:
-    return lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+def chat_prompt(runner: Runner, messages: list[dict[str, str]]) -> str:
+    return runner.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def stream_reply(lm: LoadedModel, prompt: str, config: SamplingConfig) -> GenerationResult:
+def stream_reply(runner: Runner, prompt: str, config: SamplingConfig) -> GenerationResult:
     """Generate from a text prompt, streaming to stdout; end the line and print speed on stderr."""
-    from omni_model.generate import generate_text
+    from omni_runtime.generate import generate_text
 
-    result = generate_text(lm, prompt, config, on_text=write)
+    result = generate_text(runner.engine, runner.tokenizer, prompt, config, on_text=write)
     write("\n")
     err.print(f"[dim]{stats_line(result)}[/dim]", soft_wrap=True)
     return result
@@ -65,6 +71,7 @@ def stream_reply(lm: LoadedModel, prompt: str, config: SamplingConfig) -> Genera
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt text.")],
     model: Model = DEFAULT_MODEL,
+    engine: EngineOption = "auto",
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = 0.2,
     top_k: TopK = 0,
@@ -86,6 +93,6 @@ def generate(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop or ()),
         )  # fmt: skip
-        lm, _ = load_model(model)
-        text = chat_prompt(lm, [{"role": "user", "content": prompt}]) if chat else prompt
-        stream_reply(lm, text, config)
+        runner = open_runner(model, engine)
+        text = chat_prompt(runner, [{"role": "user", "content": prompt}]) if chat else prompt
+        stream_reply(runner, text, config)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from omni_model.sampling import SamplingConfig
+from omni_model.sampling_config import SamplingConfig
 from omni_model.zoo import DEFAULT_MODEL
-from press_play.common import describe, load_model, out, read_text
+from press_play.common import describe, load_model, out, read_text, runner_for
 from press_play.eval_cmd import text_perplexity
 from press_play.generate_cmd import chat_prompt, stream_reply
 
@@ -44,12 +44,13 @@ def run_tour(model: str = DEFAULT_MODEL) -> None:
     )
     out.print(f"[bold]you>[/bold] {escape(PROMPT)}")
     out.print("[bold]model>[/bold] ", end="")
-    gen = stream_reply(lm, chat_prompt(lm, [{"role": "user", "content": PROMPT}]), SAMPLING)
+    runner = runner_for(lm)
+    gen = stream_reply(runner, chat_prompt(runner, [{"role": "user", "content": PROMPT}]), SAMPLING)
 
     out.print(
         f"\n[green]3. perplexity[/green] on Hamlet's first {MAX_TOKENS} tokens, {CONTEXT}-token windows"
     )
-    ppl, n_tokens, ppl_s = text_perplexity(lm, read_text(TEXT), CONTEXT, MAX_TOKENS)
+    ppl, n_tokens, ppl_s = text_perplexity(runner, read_text(TEXT), CONTEXT, MAX_TOKENS)
     out.print(f"perplexity [bold]{ppl.ppl:.2f}[/bold] ({ppl.n_scored} tokens scored in {ppl.n_windows} windows, "
               f"{ppl_s:.1f}s)")  # fmt: skip
 

@@ -27,6 +27,7 @@ class Graph:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._used: set[str] = set()
+        self._shared: dict[int, tuple[np.ndarray, str]] = {}  # id(array) -> (array, initializer name)
 
     def unique(self, hint: str) -> str:
         name, i = hint, 1
@@ -45,8 +46,14 @@ class Graph:
         self.outputs.append(helper.make_tensor_value_info(name, dtype, list(shape)))
 
     def const(self, hint: str, array: np.ndarray) -> str:
+        """An initializer; the same array object passed twice is stored once (a tied embedding and
+        head share their bytes)."""
+        seen = self._shared.get(id(array))
+        if seen is not None and seen[0] is array:
+            return seen[1]
         name = self.unique(hint)
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self._shared[id(array)] = (array, name)
         return name
 
     def op(

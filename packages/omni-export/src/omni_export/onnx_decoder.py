@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Union
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -26,12 +26,9 @@ from onnx import TensorProto
 
 from omni_export.errors import UnsupportedExportError
 from omni_export.graph import MS, Graph
+from omni_export.weights import Weight, concat_rows
 from omni_model.config import ModelConfig
 
-if TYPE_CHECKING:
-    from omni_kernels.quant import PackedWeight
-
-Weight = Union[np.ndarray, "PackedWeight"]  # a linear's (N, K) weight: float, or block-quantized
 WeightFormat = Literal["float32", "float16", "int8", "int4"]
 INT64_MAX = 2**63 - 1
 
@@ -74,15 +71,6 @@ def rope_tables(cfg: ModelConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.cos(freqs) * scale).astype(np.float32), (np.sin(freqs) * scale).astype(np.float32)
 
 
-def concat_rows(ws: list[Weight]) -> Weight:
-    """One weight whose output rows are those of `ws` in order (fused projections)."""
-    if all(isinstance(w, np.ndarray) for w in ws):
-        return np.concatenate(ws, axis=0)
-    if not any(isinstance(w, np.ndarray) for w in ws):
-        return type(ws[0]).concat(ws)  # type: ignore[union-attr]
-    raise UnsupportedExportError("cannot fuse float and quantized projections into one")
-
-
 class _Builder:
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, Weight], opts: GraphOptions) -> None:
         self.cfg, self.w, self.opts = cfg, weights, opts
@@ -105,13 +93,26 @@ class _Builder:
                 return g.op("MatMul", [x, wt], name=name, outputs=outs)  # type: ignore[return-value]
             y = g.op("MatMul", [x, wt], name=name)
             return g.op("Add", [y, g.const(name + ".bias", bias.astype(np.float32))], outputs=outs)  # type: ignore[return-value]
-        zp = "" if w.zero_points is None else g.const(name + ".zero_points", w.zero_points)
-        b = "" if bias is None else g.const(name + ".bias", bias.astype(np.float32))
-        return g.op(  # type: ignore[return-value]
-            "MatMulNBits", [x, g.const(name + ".qweight", w.packed), g.const(name + ".scales", w.scales), zp, "", b],
-            domain=MS, name=name, outputs=outs, K=w.k, N=w.n, bits=w.bits, block_size=w.block_size,
+        p = w.packed
+        zp = "" if p.zero_points is None else g.const(name + ".zero_points", p.zero_points)
+        b = "" if bias is None or w.mins is not None else g.const(name + ".bias", bias.astype(np.float32))
+        y = g.op(
+            "MatMulNBits", [x, g.const(name + ".qweight", p.packed), g.const(name + ".scales", p.scales), zp, "", b],
+            domain=MS, name=name, outputs=outs if w.mins is None else 1, **p.attributes,
             accuracy_level=self.opts.accuracy_level,
         )  # fmt: skip
+        if w.mins is None:
+            return y  # type: ignore[return-value]
+        # GGUF Q4_1: each block's minimum m adds sum(x over the block) * m to every output.
+        sums = g.op("ReduceSum", [g.op("Reshape", [x, g.const("blocks", np.array([0, 0, -1, p.block_size], np.int64))]),
+                                  g.const("axis_last", np.array([-1], np.int64))], keepdims=0)  # fmt: skip
+        y = g.op(
+            "Add",
+            [y, g.op("MatMul", [sums, g.const(name + ".block_mins_t", np.ascontiguousarray(w.mins.T))])],
+        )
+        if bias is not None:
+            y = g.op("Add", [y, g.const(name + ".bias", bias.astype(np.float32))])
+        return g.op("Identity", [y], outputs=outs)  # type: ignore[return-value]
 
     def vector(self, name: str) -> str:
         return self.g.const(name, np.asarray(self.w[name], dtype=np.float32))
@@ -170,12 +171,24 @@ class _Builder:
         g, table = self.g, self.w["embed_tokens.weight"]
         if isinstance(table, np.ndarray):
             return g.op("Gather", [self.float_const("embed_tokens.weight", table), ids])
-        return g.op(
-            "GatherBlockQuantized",
-            [g.const("embed.qweight", table.packed.reshape(table.n, -1)), ids, g.const("embed.scales", table.scales)]
-            + ([g.const("embed.zero_points", table.zero_points)] if table.zero_points is not None else []),
-            domain=MS, gather_axis=0, quantize_axis=1, block_size=table.block_size, bits=table.bits,
+        p = table.packed
+        if (
+            table.mins is not None
+            or p.bits != 8
+            or (p.zero_points is not None and p.zero_points.dtype != np.uint8)
+        ):
+            raise UnsupportedExportError("the quantized embedding must be 8-bit with integer zero points")
+        zp = [] if p.zero_points is None else [g.const("embed.zero_points", p.zero_points[..., None])]
+        # Blocks (N, k_blocks, block): the same bytes a tied head's MatMulNBits reads.
+        rows = g.op(
+            "GatherBlockQuantized", [g.const("lm_head.qweight", p.packed), ids, g.const("embed.scales", p.scales[..., None]), *zp],
+            domain=MS, gather_axis=0, quantize_axis=2, block_size=p.block_size, bits=8,
         )  # fmt: skip
+        x = g.op("Reshape", [rows, g.const("flatten_blocks", np.array([0, 0, -1], np.int64))])
+        if p.K % p.block_size:
+            x = g.op("Slice", [x, g.const("zero1", np.array([0], np.int64)), g.const("dim1", np.array([p.K], np.int64)),
+                               g.const("axis_last", np.array([-1], np.int64))])  # fmt: skip
+        return x
 
     def skip_norm(self, y: str, residual: str, gain: str) -> tuple[str, str]:
         """(RMSNorm(residual + y) * gain, residual + y)."""

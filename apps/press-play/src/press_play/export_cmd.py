@@ -1,0 +1,66 @@
+"""`press-play export`: a model to a folder that ONNX Runtime runs (omni_export), with a progress bar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from omni_model.errors import DataError
+from omni_model.zoo import DEFAULT_MODEL
+from press_play.common import err, out, reporting_errors
+from press_play.generate_cmd import Model
+
+
+def export(
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="The folder to write (replaced if it is an export).")
+    ],
+    model: Model = DEFAULT_MODEL,
+    fmt: Annotated[
+        str, typer.Option("--format", help="Export format; onnx is the one there is today.")
+    ] = "onnx",
+    weights: Annotated[str, typer.Option("--weights", help="float32, float16, int8 or int4.")] = "int4",
+    block_size: Annotated[
+        int, typer.Option("--block-size", help="Quantization block along K: 16..256.")
+    ] = 32,
+    symmetric: Annotated[
+        bool,
+        typer.Option("--symmetric/--asymmetric", help="Block zero points: implicit (symmetric) or stored."),
+    ] = False,
+    accuracy_level: Annotated[
+        int,
+        typer.Option("--accuracy-level", help="MatMulNBits compute: 1 float32, 4 int8 activations (faster)."),
+    ] = 4,
+    max_seq_len: Annotated[
+        int, typer.Option("--max-seq-len", min=1, help="Longest context the graph serves.")
+    ] = 4096,
+) -> None:
+    """Export a model to an ONNX folder (graph, weights, tokenizer, manifest with parity figures)."""
+    with reporting_errors():
+        if fmt != "onnx":
+            raise DataError(f"--format {fmt}: not supported (supported: onnx)")
+        from omni_export.export import ExportConfig, export_onnx
+
+        config = ExportConfig(weights=weights, block_size=block_size, symmetric=symmetric,  # type: ignore[arg-type]
+                              accuracy_level=accuracy_level, max_seq_len=max_seq_len)  # fmt: skip
+        columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+            task = bar.add_task("export", total=5)
+            manifest = export_onnx(model, out_dir, config,
+                                   lambda what, done, total: bar.update(task, description=what, completed=done))  # fmt: skip
+    p = manifest["parity"]
+    out.print(f"wrote [bold]{escape(str(out_dir))}[/bold]: {manifest['file_bytes'] / 1e6:.1f} MB, {weights} weights",
+              soft_wrap=True)  # fmt: skip
+    err.print(
+        f"[dim]parity against PyTorch: max |logits diff| {p['max_abs_logits_diff_prefill']:.2e} (prefill "
+        f"{p['prompt_tokens']}), {p['max_abs_logits_diff_decode']:.2e} (decode); greedy tokens agreeing "
+        f"{p['greedy_tokens_agreeing']}/{p['greedy_tokens_compared']}[/dim]",
+        soft_wrap=True,
+    )
+    out.print(
+        f'run it: [cyan]press-play generate --model {escape(str(out_dir))} "Hello"[/cyan]', soft_wrap=True
+    )

@@ -1,0 +1,195 @@
+"""`export_onnx(source, out)`: a model folder a phone-like runtime opens with no torch in sight.
+
+The folder holds `model.onnx` (+ `model.onnx.data`, the weights), the tokenizer files and
+`manifest.json`: the architecture, the quantization scheme, the graph's input/output names, the
+weight bytes and KV bytes per token, and the parity figures measured at export (the exported graph
+against the PyTorch decoder on the start of the default text: logits over a prefill and cached
+decode steps, and how many greedy tokens agree). The folder is written under a temporary name and
+renamed when complete, so an interrupted export never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+import omni_model
+from omni_export.errors import ExportError, UnsupportedExportError
+from omni_export.onnx_decoder import GraphOptions, WeightFormat, build_decoder_graph, check_supported
+from omni_export.session import OnnxDecoder
+from omni_export.weights import QuantLinear, float_weights, quantized_weights
+from omni_model.loader import resolve_source
+
+MANIFEST = "manifest.json"
+FORMAT = "omnicoder-onnx"
+VERSION = 1
+GRAPH, DATA = "model.onnx", "model.onnx.data"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    weights: WeightFormat = "int4"
+    block_size: int = 32  # 4/8-bit blocks along K (16, 32, 64, 128, 256)
+    symmetric: bool = False
+    accuracy_level: int = 4  # MatMulNBits compute: 1 float32, 4 int8 activations (faster)
+    max_seq_len: int = 4096  # context the graph serves (capped by the model's)
+    parity_prompt_tokens: int = 64
+    parity_decode_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        GraphOptions(self.weights, self.accuracy_level, self.max_seq_len)  # validates those three
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise UnsupportedExportError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        if self.parity_prompt_tokens < 1 or self.parity_decode_tokens < 0:
+            raise ExportError("parity_prompt_tokens must be >= 1 and parity_decode_tokens >= 0")
+
+
+def export_onnx(
+    source: str | Path, out: str | Path, config: ExportConfig | None = None, on_progress: Progress | None = None,
+    parity_text: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Export `source` (zoo name, folder or GGUF) to the folder `out`; returns the manifest."""
+    config = config or ExportConfig()
+    report = on_progress or (lambda what, done, total: None)
+    out = Path(out)
+    report("loading the model", 0, 5)
+    lm = omni_model.load(source, fuse=False)
+    cfg = lm.config
+    check_supported(cfg)
+    max_seq = min(config.max_seq_len, cfg.max_seq_len)
+    report(f"preparing {config.weights} weights", 1, 5)
+    state = lm.model.state_dict()
+    if config.weights in ("float32", "float16"):
+        weights: dict[str, Any] = float_weights(state)
+        if cfg.tie_embeddings:
+            weights.pop("lm_head.weight", None)
+        origin = {"converted": 0, "quantized": 0}
+    else:
+        bits = 4 if config.weights == "int4" else 8
+        origin = {"converted": 0, "quantized": 0}
+
+        def count(name: str, how: str) -> None:
+            origin["converted" if how.startswith("converted") else "quantized"] += 1
+
+        weights = quantized_weights(state, cfg, resolve_source(source), bits, config.block_size,
+                                    config.symmetric, count)  # fmt: skip
+    report("building the graph", 2, 5)
+    opts = GraphOptions(config.weights, config.accuracy_level, max_seq)
+    graph = build_decoder_graph(cfg, weights, opts)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        onnx.save_model(
+            graph, str(tmp / GRAPH), save_as_external_data=True, location=DATA, size_threshold=1024
+        )
+        del graph
+        tokenizer_files = lm.tokenizer.save(tmp)
+        report("measuring parity against PyTorch", 3, 5)
+        parity = measure_parity(lm, tmp / GRAPH, cfg, config, parity_text)
+        weight_bytes = sum(_nbytes(w) for w in weights.values())
+        manifest = {
+            "format": FORMAT, "version": VERSION, "graph": GRAPH, "weights_file": DATA,
+            "source": str(source), "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "config": _config_json(cfg), "max_seq_len": max_seq,
+            "quantization": {"weights": config.weights, "block_size": config.block_size,
+                             "symmetric": config.symmetric, "accuracy_level": config.accuracy_level,
+                             "embedding_and_head_bits": 8 if config.weights in ("int4", "int8") else None,
+                             "tensors_converted_from_gguf": origin["converted"],
+                             "tensors_quantized_from_float": origin["quantized"]},
+            "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "logits_to_keep": "logits_to_keep",
+                       "past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value"},
+            "outputs": {"logits": "logits", "present_key": "present.{i}.key", "present_value": "present.{i}.value"},
+            "kv": {"n_layers": cfg.n_layers, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_size,
+                   "dtype": "float32", "bytes_per_token": cfg.kv_bytes_per_token(4)},
+            "weight_bytes": weight_bytes, "file_bytes": (tmp / DATA).stat().st_size + (tmp / GRAPH).stat().st_size,
+            "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(lm.tokenizer.eos_token_ids),
+                          "bos_token_id": lm.tokenizer.bos_token_id},
+            "parity": parity,
+        }  # fmt: skip
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        report("writing the folder", 4, 5)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 and mkstemp-like 0600 are for the temporary name only
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report("done", 5, 5)
+    return manifest
+
+
+@torch.inference_mode()
+def measure_parity(lm, graph: Path, cfg, config: ExportConfig, text: str | None) -> dict[str, Any]:
+    """The exported graph against the PyTorch decoder: max |logits difference| over a prefill and
+    cached decode steps, and the greedy tokens that agree."""
+    n_prompt, n_decode = config.parity_prompt_tokens, config.parity_decode_tokens
+    if text is None:
+        from omni_model.corpus import text_path
+
+        text = text_path("hamlet").read_text(encoding="utf-8")
+    ids = lm.tokenizer.encode(text[: 40 * n_prompt])[:n_prompt]
+    if len(ids) < n_prompt:
+        raise ExportError(f"the parity text has {len(ids)} tokens, fewer than the {n_prompt} asked for")
+    session = OnnxDecoder(graph, cfg, threads=torch.get_num_threads())
+    onnx_logits = session.step(np.array([ids]))[0, -1]
+    cache = lm.model.make_cache(max_len=n_prompt + n_decode + 1)
+    torch_logits = lm.model(torch.tensor([ids]), cache=cache)[0].numpy()
+    prefill_err = float(np.abs(session.last_all - torch_logits).max())
+    decode_err, agree, ours, theirs = 0.0, 1, int(onnx_logits.argmax()), int(torch_logits[-1].argmax())
+    agree = int(ours == theirs)
+    for _ in range(n_decode):
+        if ours != theirs:
+            break
+        o = session.step(np.array([[ours]]))[0, -1]
+        t = lm.model(torch.tensor([[theirs]]), cache=cache)[0, -1].numpy()
+        decode_err = max(decode_err, float(np.abs(o - t).max()))
+        ours, theirs = int(o.argmax()), int(t.argmax())
+        agree += int(ours == theirs)
+    return {"prompt_tokens": n_prompt, "decode_steps": n_decode, "max_abs_logits_diff_prefill": prefill_err,
+            "max_abs_logits_diff_decode": decode_err, "greedy_tokens_agreeing": agree,
+            "greedy_tokens_compared": n_decode + 1, "reference": "omni_model PyTorch decoder, float32"}  # fmt: skip
+
+
+def _nbytes(w: Any) -> int:
+    return w.nbytes if isinstance(w, QuantLinear | np.ndarray) else 0
+
+
+def _config_json(cfg) -> dict[str, Any]:
+    def convert(v: Any) -> Any:
+        if isinstance(v, tuple | frozenset | set):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+
+    return convert(dataclasses.asdict(cfg))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an existing export there is replaced only once the new
+    one is complete."""
+    if out.exists():
+        if not (out / MANIFEST).is_file():
+            raise ExportError(
+                f"{out}: exists and is not an exported model (no {MANIFEST}); not overwriting it"
+            )
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

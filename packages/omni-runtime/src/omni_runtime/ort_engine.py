@@ -1,0 +1,138 @@
+"""The ONNX Runtime engine: runs an omni_export folder with onnxruntime, numpy and nothing else.
+
+The KV cache is one preallocated (1, kv_heads, max_seq_len, head_dim) buffer per layer for keys
+and one for values. Each call binds a layer's buffer both as its `past` input and as its `present`
+output (I/O binding), so GroupQueryAttention writes the new tokens in place and decoding copies
+no cache: a step moves the new token's ids in and one row of logits out. The attention mask's
+width tells the graph how many cached tokens are valid; rolling back is moving that mark.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from omni_runtime.engine import EngineError
+
+MANIFEST = "manifest.json"
+FORMAT = "omnicoder-onnx"
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The folder's manifest.json, checked for the fields an engine needs."""
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise EngineError(f"{folder}: no such folder")
+    if not path.is_file():
+        raise EngineError(f"{folder}: no {MANIFEST} (not an exported model folder; see press-play export)")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise EngineError(f"{path}: not readable JSON: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise EngineError(f"{path}: not an OmniCoder ONNX manifest (format is not {FORMAT!r})")
+    try:
+        kv, cfg = m["kv"], m["config"]
+        for key in ("n_layers", "n_kv_heads", "head_dim"):
+            if not isinstance(kv[key], int) or kv[key] <= 0:
+                raise EngineError(f"{path}: kv.{key} must be a positive integer, got {kv[key]!r}")
+        if not isinstance(m["max_seq_len"], int) or m["max_seq_len"] <= 0:
+            raise EngineError(f"{path}: max_seq_len must be a positive integer, got {m['max_seq_len']!r}")
+        if not isinstance(cfg["vocab_size"], int) or cfg["vocab_size"] <= 0:
+            raise EngineError(f"{path}: config.vocab_size must be a positive integer")
+        graph = m["graph"]
+        if not isinstance(graph, str) or "/" in graph or "\\" in graph or graph.startswith("."):
+            raise EngineError(f"{path}: graph must be a file name inside the folder, got {graph!r}")
+    except (KeyError, TypeError) as e:
+        raise EngineError(f"{path}: lacks the field {e}") from None
+    if not (Path(folder) / graph).is_file():
+        raise EngineError(f"{Path(folder) / graph}: no such file (named by {MANIFEST})")
+    return m
+
+
+class OrtEngine:
+    name = "onnx"
+
+    def __init__(self, folder: str | Path, *, threads: int = 2, max_seq_len: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.manifest = m = read_manifest(self.folder)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self.session = ort.InferenceSession(
+                str(self.folder / m["graph"]), so, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # ORT raises its own exception types for unreadable graphs
+            raise EngineError(
+                f"{self.folder / m['graph']}: ONNX Runtime cannot load it: {' '.join(str(e).split())[:200]}"
+            ) from None
+        kv = m["kv"]
+        self.n_layers, self.vocab_size = kv["n_layers"], m["config"]["vocab_size"]
+        self.max_seq_len = min(max_seq_len or m["max_seq_len"], m["max_seq_len"])
+        self._check_io()
+        shape = (1, kv["n_kv_heads"], self.max_seq_len, kv["head_dim"])
+        self._kv = [
+            (ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)),
+             ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)))
+            for _ in range(self.n_layers)
+        ]  # fmt: skip
+        self._len = 0
+        self._mask = np.ones((1, self.max_seq_len), np.int64)
+        self._keep = {True: np.array(1, np.int64), False: np.array(0, np.int64)}
+
+    def _check_io(self) -> None:
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        want_in = {"input_ids", "attention_mask", "logits_to_keep"} | {
+            f"past_key_values.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")
+        }
+        want_out = {"logits"} | {f"present.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")}
+        if inputs != want_in or outputs != want_out:
+            missing = sorted((want_in - inputs) | (want_out - outputs)) or sorted(
+                (inputs - want_in) | (outputs - want_out)
+            )
+            raise EngineError(
+                f"{self.folder / MANIFEST}: does not match the graph ({len(missing)} names differ, e.g. {missing[0]!r})"
+            )
+
+    @property
+    def seq_len(self) -> int:
+        return self._len
+
+    def forward(self, ids: Sequence[int], last_only: bool = True) -> np.ndarray:
+        x = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        n = x.shape[1]
+        if n == 0:
+            raise EngineError("forward needs at least one token")
+        if self._len + n > self.max_seq_len:
+            raise EngineError(f"{self._len + n} tokens exceed the engine's max_seq_len of {self.max_seq_len}")
+        if x.min() < 0 or x.max() >= self.vocab_size:
+            raise EngineError(f"token ids must be in 0..{self.vocab_size - 1}")
+        b = self.session.io_binding()
+        b.bind_cpu_input("input_ids", x)
+        b.bind_cpu_input("attention_mask", self._mask[:, : self._len + n])
+        b.bind_cpu_input("logits_to_keep", self._keep[last_only])
+        b.bind_output("logits", "cpu")  # first, so that it is get_outputs()[0]
+        for i, (k, v) in enumerate(self._kv):
+            b.bind_ortvalue_input(f"past_key_values.{i}.key", k)
+            b.bind_ortvalue_input(f"past_key_values.{i}.value", v)
+            b.bind_ortvalue_output(f"present.{i}.key", k)
+            b.bind_ortvalue_output(f"present.{i}.value", v)
+        self.session.run_with_iobinding(b)
+        self._len += n
+        return b.get_outputs()[0].numpy()[0]  # (T or 1, V)
+
+    def rollback(self, n: int) -> None:
+        if not 0 <= n <= self._len:
+            raise EngineError(f"cannot roll back {n} tokens; the cache holds {self._len}")
+        self._len -= n
+
+    def reset(self) -> None:
+        self._len = 0

@@ -1,0 +1,47 @@
+"""The PyTorch engine: an omni_model decoder (fused or plain) behind the Engine protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from omni_model.loader import LoadedModel
+from omni_runtime.engine import EngineError
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, lm: LoadedModel, *, max_seq_len: int | None = None) -> None:
+        self.lm, self.model = lm, lm.model
+        self.vocab_size = lm.config.vocab_size
+        self.max_seq_len = min(max_seq_len or lm.config.max_seq_len, lm.config.max_seq_len)
+        self._cache = self.model.make_cache(batch_size=1, max_len=self.max_seq_len)
+
+    @property
+    def seq_len(self) -> int:
+        return self._cache.seq_len
+
+    @torch.inference_mode()
+    def forward(self, ids: Sequence[int], last_only: bool = True) -> np.ndarray:
+        n = len(ids)
+        if n == 0:
+            raise EngineError("forward needs at least one token")
+        if self.seq_len + n > self.max_seq_len:
+            raise EngineError(
+                f"{self.seq_len + n} tokens exceed the engine's max_seq_len of {self.max_seq_len}"
+            )
+        x = torch.tensor([list(ids)], dtype=torch.long)
+        if int(x.min()) < 0 or int(x.max()) >= self.vocab_size:
+            raise EngineError(f"token ids must be in 0..{self.vocab_size - 1}")
+        return self.model(x, cache=self._cache, last_only=last_only)[0].numpy()
+
+    def rollback(self, n: int) -> None:
+        if not 0 <= n <= self.seq_len:
+            raise EngineError(f"cannot roll back {n} tokens; the cache holds {self.seq_len}")
+        self._cache.rollback(n)
+
+    def reset(self) -> None:
+        self._cache.reset()
