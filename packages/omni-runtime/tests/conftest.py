@@ -1,23 +1,28 @@
-"""omni-model's tiny random checkpoints (transformers models saved with save_pretrained), shared here."""
+"""omni-model's test helpers (tiny random checkpoints, tiny GGUF files), shared here.
+
+They are imported as the package `omni_model_tests` (omni-model's tests folder), so that their own
+relative imports work without putting that folder on sys.path.
+"""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
 
-_TINY = Path(__file__).parents[2] / "omni-model" / "tests" / "tiny.py"
+_TESTS = Path(__file__).parents[2] / "omni-model" / "tests"
 
 
-def _load_tiny():
-    name = "omni_model_tests_tiny"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _TINY)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def _package() -> None:
+    if "omni_model_tests" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "omni_model_tests", _TESTS / "__init__.py", submodule_search_locations=[str(_TESTS)]
+        )
+        assert spec is not None
+        sys.modules["omni_model_tests"] = importlib.util.module_from_spec(spec)
 
 
-tiny = _load_tiny()
+_package()
+tiny = importlib.import_module("omni_model_tests.tiny")
+tiny_gguf = importlib.import_module("omni_model_tests.tiny_gguf")

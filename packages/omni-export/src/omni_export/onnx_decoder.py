@@ -114,6 +114,21 @@ class _Builder:
             y = g.op("Add", [y, g.const(name + ".bias", bias.astype(np.float32))])
         return g.op("Identity", [y], outputs=outs)  # type: ignore[return-value]
 
+    def fused_linear(self, x: str, ws: list[Weight], name: str, bias: np.ndarray | None = None) -> str:
+        """x through several projections at once: one matmul when their formats fuse, else one each
+        and a Concat (a file may store q, k and v in different types)."""
+        try:
+            return self.linear(x, concat_rows(ws), name, bias)
+        except UnsupportedExportError:
+            outs, start = [], 0
+            for i, w in enumerate(ws):
+                n = w.shape[0] if isinstance(w, np.ndarray) else w.packed.N
+                outs.append(
+                    self.linear(x, w, f"{name}.{i}", None if bias is None else bias[start : start + n])
+                )
+                start += n
+            return self.g.op("Concat", outs, axis=-1)
+
     def vector(self, name: str) -> str:
         return self.g.const(name, np.asarray(self.w[name], dtype=np.float32))
 
@@ -203,11 +218,10 @@ class _Builder:
     ) -> str:
         cfg, g, w = self.cfg, self.g, self.w
         p = f"layers.{i}.self_attn."
-        qkv_w = concat_rows([w[p + "q_proj.weight"], w[p + "k_proj.weight"], w[p + "v_proj.weight"]])
         bias = None
         if cfg.qkv_bias:
             bias = np.concatenate([np.asarray(w[p + n + "_proj.bias"]) for n in "qkv"])
-        qkv = self.linear(h, qkv_w, p + "qkv_proj", bias)
+        qkv = self.fused_linear(h, [w[p + n + "_proj.weight"] for n in "qkv"], p + "qkv_proj", bias)
         q_k_v = [qkv, "", ""]  # packed: GroupQueryAttention splits q, k and v itself
         if cfg.qk_norm:  # Qwen3: RMSNorm over each head of q and k before the rotation
             dh = cfg.head_size
@@ -240,10 +254,8 @@ class _Builder:
 
     def mlp(self, p: str, h: str) -> str:
         g, w = self.g, self.w
-        gate_up = self.linear(
-            h,
-            concat_rows([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
-            p + "mlp.gate_up_proj",
+        gate_up = self.fused_linear(
+            h, [w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], p + "mlp.gate_up_proj"
         )
         gate, up = g.op("Split", [gate_up], outputs=2, axis=-1, num_outputs=2)
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])

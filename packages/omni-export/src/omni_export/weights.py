@@ -54,9 +54,13 @@ def concat_rows(ws: list[Weight]) -> Weight:
     ps = [q.packed for q in qs]
     first = ps[0]
     same = all((p.bits, p.block_size, p.K, p.zero_points is None) == (first.bits, first.block_size, first.K, first.zero_points is None) for p in ps)  # fmt: skip
-    has_mins = {q.mins is not None for q in qs}
-    if len(qs) != len(ws) or not same or len(has_mins) != 1:
+    if len(qs) != len(ws) or not same:
         raise UnsupportedExportError("cannot fuse projections stored in different formats into one")
+    if any(q.mins is not None for q in qs):  # Q4_0 beside Q4_1 (mixed files): zero minimums
+        qs = [
+            q if q.mins is not None else QuantLinear(q.packed, np.zeros(q.packed.scales.shape, np.float32))
+            for q in qs
+        ]
     zps = [p.zero_points for p in ps]
     if any(z is not None and z.dtype != zps[0].dtype for z in zps):  # type: ignore[union-attr]
         raise UnsupportedExportError("cannot fuse projections with different zero-point types")
