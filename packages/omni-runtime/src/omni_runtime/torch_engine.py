@@ -18,7 +18,8 @@ class TorchEngine:
         self.lm, self.model = lm, lm.model
         self.vocab_size = lm.config.vocab_size
         self.max_seq_len = min(max_seq_len or lm.config.max_seq_len, lm.config.max_seq_len)
-        self._cache = self.model.make_cache(batch_size=1, max_len=self.max_seq_len)
+        # A growing cache: memory follows the sequence, not the model's (often long) context.
+        self._cache = self.model.make_cache(batch_size=1)
 
     @property
     def seq_len(self) -> int:
