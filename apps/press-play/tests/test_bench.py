@@ -74,15 +74,15 @@ def test_section_renders_table_targets_and_bound():
 def test_replace_section_keeps_the_rest():
     section = f"{START}\nnew\n{END}\n"
     # A new file gets the header, then the section.
-    fresh = bench.replace_section("", section)
+    fresh = bench.replace_section("", section, bench.SECTION)
     assert fresh.startswith("# Benchmarks") and fresh.endswith(section)
     # An existing section is replaced in place; text before and after it is kept byte for byte.
     existing = f"# Mine\n\nintro\n\n{START}\nold\n{END}\n\n## other bench\nkeep me\n"
-    out = bench.replace_section(existing, section)
+    out = bench.replace_section(existing, section, bench.SECTION)
     assert out == f"# Mine\n\nintro\n\n{START}\nnew\n{END}\n\n## other bench\nkeep me\n"
-    assert bench.replace_section(out, section) == out  # idempotent
+    assert bench.replace_section(out, section, bench.SECTION) == out  # idempotent
     # No markers yet: the section is appended, the file's own text untouched.
-    assert bench.replace_section("# Mine\n", section) == f"# Mine\n\n{section}"
+    assert bench.replace_section("# Mine\n", section, bench.SECTION) == f"# Mine\n\n{section}"
 
 
 def test_write_markdown_is_atomic(tmp_path, monkeypatch):
@@ -104,16 +104,31 @@ def test_write_markdown_is_atomic(tmp_path, monkeypatch):
 
 
 def test_arguments_and_command_line():
-    config, out = bench.parse_args([])
-    assert config == BenchConfig() and out is not None and out.name == "BENCHMARKS.md"
+    args = bench.parse_args([])
+    assert list(args.configs) == ["smollm2", "moe"]  # every suite by default
+    config = args.configs["smollm2"]
+    assert config == BenchConfig() and args.out is not None and args.out.name == "BENCHMARKS.md"
     assert bench.command_line(config) == ""
-    config, out = bench.parse_args(["--quick", "--rounds", "2"])
-    assert config.quick and config.decode_tokens == 16 and config.rounds == 2 and out is None
+    args = bench.parse_args(["--quick", "--rounds", "2"])
+    config = args.configs["smollm2"]
+    assert config.quick and config.decode_tokens == 16 and config.rounds == 2 and args.out is None
+    assert (
+        args.configs["moe"].quick and args.configs["moe"].rounds == 2
+    )  # --quick and --rounds reach every suite
     assert bench.command_line(config) == " --quick --rounds 2"
     with pytest.raises(ValueError, match="rounds"):
         BenchConfig(rounds=0)
     with pytest.raises(SystemExit):
         bench.parse_args(["--rounds", "0"])
+
+
+def test_suite_option_picks_one():
+    assert list(bench.parse_args(["--suite", "moe"]).configs) == ["moe"]
+    assert list(bench.parse_args(["--suite", "smollm2", "--model", "x"]).configs) == ["smollm2"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--suite", "nope"])
+    sections = {s.section for s in bench.suites().values()}
+    assert len(sections) == len(bench.suites())  # each suite owns its own markers
 
 
 def test_weight_bytes_per_token_tied():

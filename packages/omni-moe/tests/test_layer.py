@@ -39,16 +39,22 @@ def test_empty_experts_are_not_run() -> None:
     cfg = MoEConfig(n_experts=8, top_k=2, expert_dim=8, router="sigmoid", score_correction_bias=True)
     m = layer(cfg)
     m.gate.e_score_correction_bias[4:] = -10.0  # experts 4..7 can never be selected
-    calls: list[int] = []
-    run_one = m.experts.expert_forward
+    calls: list[int] = []  # every expert run, by either path
+    run_one, run_group = m.experts.expert_forward, m.experts.forward_group
     m.experts.expert_forward = lambda e, x: (calls.append(e), run_one(e, x))[1]
-    x = torch.randn(2, 9, D)
+    m.experts.forward_group = lambda lo, step, n, x: (
+        calls.extend(range(lo, lo + n * step, step)),
+        run_group(lo, step, n, x),
+    )[1]
     with torch.no_grad():
-        m(x)
+        m(torch.randn(2, 9, D))
     assert m.last_counts[4:].tolist() == [0, 0, 0, 0]
     assert int(m.last_counts.sum()) == 2 * 9 * 2
     assert sorted(calls) == [e for e in range(8) if m.last_counts[e] > 0]
-    assert len(calls) <= 4
+    calls.clear()
+    with torch.no_grad():
+        m(torch.randn(1, 1, D))  # one token: its two experts, directly
+    assert len(calls) == 2 and all(e < 4 for e in calls)
 
 
 def test_sparse_layer_equals_token_loop() -> None:

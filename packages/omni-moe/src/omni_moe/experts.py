@@ -2,7 +2,8 @@
 
 `gate_up_proj` (E, 2I, D) holds each expert's gate rows then up rows, `down_proj` (E, D, I); so a
 transformers MoE block's `experts.*` loads without renames, and per-expert checkpoints
-(`experts.{i}.gate_proj`, Mixtral's `w1/w3/w2`) are stacked by omni_moe.hf.
+(`experts.{i}.gate_proj`, Mixtral's `w1/w3/w2`) are stacked by omni_moe.hf. `forward_group` runs
+evenly spaced experts as one batched matmul over a strided view of the stack: no weight is copied.
 """
 
 import torch
@@ -23,6 +24,14 @@ class Experts(nn.Module):
         """Run expert e on its tokens x (n, D) -> (n, D)."""
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, I) each
         return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+    def forward_group(self, lo: int, step: int, n: int, x: Tensor) -> Tensor:
+        """Run experts lo, lo+step, ... (n of them) on x (n, C, D), C rows each -> (n, C, D)."""
+        pick = slice(lo, lo + (n - 1) * step + 1, step)  # a strided view of the stack: no weight is copied
+        gate, up = torch.bmm(x, self.gate_up_proj[pick].transpose(1, 2)).chunk(2, dim=-1)  # (n, C, I)
+        # In place when no gradient is wanted: two fewer (n, C, I) tensors to allocate and write.
+        act = F.silu(gate) * up if gate.requires_grad else F.silu(gate, inplace=True).mul_(up)
+        return torch.bmm(act, self.down_proj[pick].transpose(1, 2))
 
 
 class SwiGLU(nn.Module):
