@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 from omni_model.config import ModelConfig
-from press_play.bench import machine_info
 from press_play.bench_mla import KV_SHAPES, MLABenchConfig, kv_rows, render_mla_section, run_mla_bench
 
 
@@ -26,6 +25,6 @@ def test_quick_run_renders_a_section():
     report = run_mla_bench(MLABenchConfig.quick_config())
     assert all(len(v) == 1 and v[0] > 0 and math.isfinite(v[0]) for v in report.tok_s.values())
     assert report.max_logit_diff <= 1e-4
-    text = render_mla_section(report, machine_info(2), " --quick")
+    text = render_mla_section(report)
     assert text.startswith("<!-- bench:mla:start -->") and text.rstrip().endswith("<!-- bench:mla:end -->")
-    assert "| absorbed |" in text and "71.1x smaller" in text
+    assert "| absorbed |" in text and "71.1x smaller" in text and "--suite mla --quick" in text

@@ -365,16 +365,34 @@ def smollm2_config(a: argparse.Namespace) -> BenchConfig:
 
 def suites() -> dict[str, Suite]:
     """Every suite `just bench` runs, in order; a new one is one more entry."""
-    from press_play import bench_moe  # it builds on this module's helpers
+    from press_play import bench_mla, bench_moe, bench_onnx  # they build on this module's helpers
 
     def moe_config(a: argparse.Namespace) -> bench_moe.MoEBenchConfig:
         given = {k: getattr(a, k) for k in ("rounds", "threads") if getattr(a, k) is not None}
         cls = bench_moe.MoEBenchConfig
         return cls.quick_config(**given) if a.quick else cls(**given)
 
+    def mla_config(a: argparse.Namespace) -> bench_mla.MLABenchConfig:
+        given = {k: getattr(a, k) for k in ("rounds", "threads") if getattr(a, k) is not None}
+        cls = bench_mla.MLABenchConfig
+        return cls.quick_config(**given) if a.quick else cls(**given)
+
+    def onnx_config(a: argparse.Namespace) -> bench_onnx.OnnxBenchConfig:
+        given = {
+            k: getattr(a, k) for k in ("model", "text", "rounds", "threads") if getattr(a, k) is not None
+        }
+        if a.peer_python is not None:
+            given["peer_python"] = a.peer_python
+        cls = bench_onnx.OnnxBenchConfig
+        return cls.quick_config(**given) if a.quick else cls(**given)
+
     return {
         "smollm2": Suite(SECTION, smollm2_config, run_bench, render_section),
         "moe": Suite(bench_moe.SECTION, moe_config, bench_moe.run_moe_bench, bench_moe.render_moe_section),
+        "mla": Suite(bench_mla.SECTION, mla_config, bench_mla.run_mla_bench, bench_mla.render_mla_section),
+        "onnx": Suite(
+            bench_onnx.SECTION, onnx_config, bench_onnx.run_onnx_bench, bench_onnx.render_onnx_section
+        ),
     }
 
 
@@ -395,6 +413,10 @@ def parse_args(argv: Sequence[str]) -> BenchArgs:
     p.add_argument("--rounds", type=int, default=None, help="Repeats per measurement (medians over them).")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--bandwidth-mb", type=int, default=None, help="smollm2")
+    p.add_argument(
+        "--peer-python", default=None,
+        help="onnx: the Python of the benchmark-only peer environment (default .venv-peers/bin/python).",
+    )  # fmt: skip
     p.add_argument(
         "--quick", action="store_true", help="Small and few, every suite; writes no file unless --out."
     )

@@ -70,8 +70,22 @@ class MLABenchConfig:
                 raise ValueError(f"MLABenchConfig.{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
-    def quick_config(cls) -> MLABenchConfig:
-        return cls(cached_tokens=256, decode_tokens=4, rounds=1, n_layers=1, vocab_size=1024)
+    def quick_config(cls, **overrides) -> MLABenchConfig:
+        return cls(**{"cached_tokens": 256, "decode_tokens": 4, "rounds": 1, "n_layers": 1, "vocab_size": 1024,
+                      **overrides})  # fmt: skip
+
+    @property
+    def command(self) -> str:
+        """The options that reproduce this run, with a leading space."""
+        quick = self == MLABenchConfig.quick_config(rounds=self.rounds, threads=self.threads)
+        args = [" --quick"] if quick else []
+        default = MLABenchConfig.quick_config() if quick else MLABenchConfig()
+        args += [
+            f" --{k} {getattr(self, k)}"
+            for k in ("rounds", "threads")
+            if getattr(self, k) != getattr(default, k)
+        ]
+        return "".join(args)
 
 
 @dataclass
@@ -84,6 +98,7 @@ class KVRow:
 @dataclass
 class MLAReport:
     config: MLABenchConfig
+    machine: dict
     kv_rows: list[KVRow]
     tok_s: dict[str, list[float]] = field(default_factory=dict)  # mode -> one value per round
     max_logit_diff: float = 0.0  # absorbed against naive over the decoded steps
@@ -124,7 +139,9 @@ def run_mla_bench(config: MLABenchConfig, on_progress: Progress | None = None) -
     report_progress = on_progress or (lambda what, done, total: None)
     total = 2 + 2 * config.rounds
     report_progress("MLA: KV bytes per token", 0, total)
-    report = MLAReport(config, kv_rows(), {"naive": [], "absorbed": []})
+    from press_play.bench import machine_info
+
+    report = MLAReport(config, machine_info(config.threads), kv_rows(), {"naive": [], "absorbed": []})
     torch.set_num_threads(config.threads)
     model = decode_model(config)
     g = torch.Generator().manual_seed(1)
@@ -156,8 +173,8 @@ def run_mla_bench(config: MLABenchConfig, on_progress: Progress | None = None) -
     return report
 
 
-def render_mla_section(report: MLAReport, machine: dict, command: str) -> str:
-    c = report.config
+def render_mla_section(report: MLAReport) -> str:
+    c, machine, command = report.config, report.machine, report.config.command
     spread = c.rounds > 1
     lines = [
         f"<!-- bench:{SECTION}:start -->",
