@@ -64,3 +64,12 @@ def test_bad_export_and_engine_input_is_one_line(tiny_model_dir, tmp_path):
         assert result.exit_code == 1, result.output
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and what in lines[0], result.output
+
+
+def test_exported_folder_without_its_tokenizer(tiny_model_dir, tmp_path):
+    _export(tiny_model_dir, tmp_path / "onnx", "--weights", "float32")
+    (tmp_path / "onnx" / "tokenizer.json").unlink()
+    result = runner.invoke(cli.app, ["generate", "hi", "--model", str(tmp_path / "onnx")])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "tokenizer.json: no such file" in lines[0], result.output

@@ -80,6 +80,7 @@ class OnnxReport:
     float32_ppl: float = float("nan")
     peers_note: str = ""
     agreement: dict[str, int] = field(default_factory=dict)  # engine -> greedy tokens equal to ours
+    bandwidth: dict[str, Any] = field(default_factory=dict)  # bench_worker's read-bandwidth result
 
     def median(self, engine: str, key: str) -> float:
         return statistics.median(r[key] for r in self.engines[engine]["runs"])
@@ -211,6 +212,11 @@ def run_onnx_bench(config: OnnxBenchConfig, on_progress: Progress | None = None)
                 "ppl_ids": ids[: config.ppl_tokens], "context": config.context}  # fmt: skip
         result.engines[name]["ppl"] = run_worker(pythons[name], spec)["ppl"]  # type: ignore[arg-type]
         done += 1
+    report("measuring read bandwidth", done, total)
+    from press_play.bench import run_worker as run_bench_worker
+
+    result.bandwidth = run_bench_worker({"engine": "bandwidth", "mb": 256 if config.quick else 1024,
+                                         "threads": config.threads})  # fmt: skip
     report("float32 reference perplexity", done, total)
     result.float32_ppl = _float32_ppl(config, ids[: config.ppl_tokens])
     ours = result.engines["omnicoder-onnx"]["runs"][0]["greedy_tokens"]
@@ -295,6 +301,23 @@ def render_onnx_section(rep: OnnxReport) -> str:
         q = 100 * (rep.engines[ours]["ppl"] / rep.float32_ppl - 1)
         lines.append(
             f"| int4 perplexity vs float32 | {q:+.2f}% | within 1% | {'yes' if abs(q) <= 1 else 'no'} |"
+        )
+        lines.append("")
+    if rep.bandwidth:
+        bps = rep.bandwidth["bytes_per_s"]
+        parts = []
+        for name in names:
+            mb = rep.engines[name]["file_mb"]
+            bound = bps / (mb * 2**20)
+            parts.append(
+                f"{name} {100 * rep.median(name, 'decode_tok_s_short') / bound:.0f}% of {bound:.0f} tok/s"
+            )
+        lines.append(
+            f"Memory-bandwidth bound on decode: read bandwidth with {c.threads} threads {bps / 1e9:.1f} GB/s (bench_worker, "
+            "as in the SmolLM2 section); a decoded token reads every weight once, so bytes/token is about each "
+            "engine's weight file (a tied embedding is read whole as the head). Decode @16 against that bound: "
+            + "; ".join(parts)
+            + "."
         )
         lines.append("")
     agree = ", ".join(f"{k} {v}/{c.decode_tokens}" for k, v in rep.agreement.items() if k != "omnicoder-onnx")
