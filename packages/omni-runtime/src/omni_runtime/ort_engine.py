@@ -86,6 +86,24 @@ class OrtEngine:
         self._len = 0
         self._mask = np.ones((1, self.max_seq_len), np.int64)
         self._keep = {True: np.array(1, np.int64), False: np.array(0, np.int64)}
+        # Calls that keep only the last position's logits (every decode step) share one binding made
+        # once: cache buffers as past and present, and a preallocated (1, 1, V) logits buffer; a step
+        # rebinds only the three small inputs.
+        self._last = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.vocab_size), np.float32))
+        self._last_binding = self._bind(self._last)
+
+    def _bind(self, logits: ort.OrtValue | None) -> ort.SessionIOBinding:
+        b = self.session.io_binding()
+        if logits is None:
+            b.bind_output("logits", "cpu")  # first, so that it is get_outputs()[0]
+        else:
+            b.bind_ortvalue_output("logits", logits)
+        for i, (k, v) in enumerate(self._kv):
+            b.bind_ortvalue_input(f"past_key_values.{i}.key", k)
+            b.bind_ortvalue_input(f"past_key_values.{i}.value", v)
+            b.bind_ortvalue_output(f"present.{i}.key", k)
+            b.bind_ortvalue_output(f"present.{i}.value", v)
+        return b
 
     def _check_io(self) -> None:
         inputs = {i.name for i in self.session.get_inputs()}
@@ -115,19 +133,15 @@ class OrtEngine:
             raise EngineError(f"{self._len + n} tokens exceed the engine's max_seq_len of {self.max_seq_len}")
         if x.min() < 0 or x.max() >= self.vocab_size:
             raise EngineError(f"token ids must be in 0..{self.vocab_size - 1}")
-        b = self.session.io_binding()
+        b = self._last_binding if last_only else self._bind(None)
         b.bind_cpu_input("input_ids", x)
         b.bind_cpu_input("attention_mask", self._mask[:, : self._len + n])
         b.bind_cpu_input("logits_to_keep", self._keep[last_only])
-        b.bind_output("logits", "cpu")  # first, so that it is get_outputs()[0]
-        for i, (k, v) in enumerate(self._kv):
-            b.bind_ortvalue_input(f"past_key_values.{i}.key", k)
-            b.bind_ortvalue_input(f"past_key_values.{i}.value", v)
-            b.bind_ortvalue_output(f"present.{i}.key", k)
-            b.bind_ortvalue_output(f"present.{i}.value", v)
         self.session.run_with_iobinding(b)
         self._len += n
-        return b.get_outputs()[0].numpy()[0]  # (T or 1, V)
+        if last_only:
+            return self._last.numpy()[0].copy()  # (1, V); the buffer is reused by the next step
+        return b.get_outputs()[0].numpy()[0]  # (T, V)
 
     def rollback(self, n: int) -> None:
         if not 0 <= n <= self._len:
