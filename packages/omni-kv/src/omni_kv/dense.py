@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from omni_kv.protocol import CacheFullError, KVCacheError
+from omni_kv.protocol import CacheFullError, KVCacheError, SequenceCache
 
 
-class DenseKVCache:
+class DenseKVCache(SequenceCache):
     def __init__(
         self,
         n_layers: int,
@@ -45,9 +45,8 @@ class DenseKVCache:
         b, h, d = shape
         return torch.zeros(b, h, cap, d, dtype=self.dtype, device=device)
 
-    @property
-    def seq_len(self) -> int:
-        return self._len
+    def _room(self) -> int:
+        return min(k.shape[2] for k in self._k)
 
     @property
     def capacity(self) -> int:
@@ -86,16 +85,3 @@ class DenseKVCache:
         self._k[layer][:, :, self._len : end] = k
         self._v[layer][:, :, self._len : end] = v
         return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        if n < 0 or self._len + n > self._k[0].shape[2]:
-            raise KVCacheError(f"cannot advance by {n} tokens from {self._len}")
-        self._len += n
-
-    def rollback(self, n: int) -> None:
-        if not 0 <= n <= self._len:
-            raise KVCacheError(f"cannot roll back {n} tokens; the cache holds {self._len}")
-        self._len -= n
-
-    def reset(self) -> None:
-        self._len = 0

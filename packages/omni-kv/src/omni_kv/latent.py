@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from omni_kv.protocol import CacheFullError, KVCacheError
+from omni_kv.protocol import CacheFullError, KVCacheError, SequenceCache
 
 
-class LatentKVCache:
+class LatentKVCache(SequenceCache):
     def __init__(
         self,
         n_layers: int,
@@ -42,9 +42,8 @@ class LatentKVCache:
         self._buf = [torch.zeros(batch_size, cap, width, dtype=dtype, device=device) for _ in range(n_layers)]
         self._len = 0
 
-    @property
-    def seq_len(self) -> int:
-        return self._len
+    def _room(self) -> int:
+        return min(b.shape[1] for b in self._buf)
 
     @property
     def capacity(self) -> int:
@@ -87,16 +86,3 @@ class LatentKVCache:
         new[:, : old.shape[1]] = old
         self._buf[layer] = new
         return new
-
-    def advance(self, n: int) -> None:
-        if n < 0 or any(self._len + n > b.shape[1] for b in self._buf):
-            raise KVCacheError(f"cannot advance by {n} tokens from {self._len}")
-        self._len += n
-
-    def rollback(self, n: int) -> None:
-        if not 0 <= n <= self._len:
-            raise KVCacheError(f"cannot roll back {n} tokens; the cache holds {self._len}")
-        self._len -= n
-
-    def reset(self) -> None:
-        self._len = 0

@@ -42,3 +42,33 @@ class KVCache(Protocol):
     def reset(self) -> None:
         """Forget every token."""
         ...
+
+
+class SequenceCache:
+    """The position bookkeeping every cache kind shares: `seq_len`, `advance`, `rollback`, `reset`.
+
+    A subclass sets `_len = 0` and says, through `_room()`, how many tokens its smallest layer
+    buffer holds; rolling back only moves the mark (the next writes overwrite the rejected tokens).
+    """
+
+    _len: int
+
+    def _room(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def seq_len(self) -> int:
+        return self._len
+
+    def advance(self, n: int) -> None:
+        if n < 0 or self._len + n > self._room():
+            raise KVCacheError(f"cannot advance by {n} tokens from {self._len}")
+        self._len += n
+
+    def rollback(self, n: int) -> None:
+        if not 0 <= n <= self._len:
+            raise KVCacheError(f"cannot roll back {n} tokens; the cache holds {self._len}")
+        self._len -= n
+
+    def reset(self) -> None:
+        self._len = 0
