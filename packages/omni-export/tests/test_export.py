@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from omni_model_tests import tiny, tiny_gguf
 
 import omni_model
 from omni_export.errors import ExportError, UnsupportedExportError
@@ -16,8 +17,6 @@ from omni_export.export import ExportConfig, export_onnx
 from omni_export.weights import QuantLinear, quantized_weights
 from omni_kernels.quant import dequantize
 from omni_runtime import OrtEngine
-
-from .conftest import tiny, tiny_gguf
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 4
 Q = gguf.GGMLQuantizationType

@@ -11,12 +11,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from omni_model_tests import tiny
 
 import omni_model
 from omni_export.errors import UnsupportedExportError
 from omni_export.onnx_decoder import GraphOptions, build_decoder_graph
-
-from .conftest import tiny
 
 VOCAB, save_tiny = tiny.VOCAB, tiny.save_tiny
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omni_model_tests import tiny
 
 import omni_model
 from omni_export.export import ExportConfig, export_onnx
@@ -18,8 +19,6 @@ from omni_model.generate import generate as torch_generate
 from omni_model.sampling_config import SamplingConfig
 from omni_runtime import Engine, EngineError, OrtEngine, generate, generate_text
 from omni_runtime.torch_engine import TorchEngine
-
-from .conftest import tiny
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 4
 

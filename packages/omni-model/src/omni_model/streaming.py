@@ -52,16 +52,22 @@ class StopStringFilter:
         if self.stopped or not new:
             return ""
         self.text += new
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Settle what is still held back at the end of generation and return what may be shown."""
+        return "" if self.stopped else self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        # A stop string found at `hit` is the first one only if no stop string can still start before
+        # it: one whose beginning ends the text (held back) might complete with the next piece.
         hits = [i for s in self.stop_strings if (i := self.text.find(s, self.shown)) >= 0]
-        if hits:
+        pending = len(self.text) if final else len(self.text) - self._held_back()
+        if hits and min(hits) <= pending:
             self.stopped = True
             self.text = self.text[: min(hits)]
             return self._release(len(self.text))
-        return self._release(len(self.text) - self._held_back())
-
-    def flush(self) -> str:
-        """Return whatever is still held back (call at the end of generation)."""
-        return self._release(len(self.text))
+        return self._release(pending)
 
     def _held_back(self) -> int:
         tail = self.text[self.shown :]

@@ -1,17 +1,17 @@
-"""omni-model's test helpers (tiny random checkpoints, tiny GGUF files), shared here.
+"""Workspace-wide test setup: omni-model's test helpers (tiny random checkpoints, tiny GGUF files)
+as the package `omni_model_tests`, for the other packages' tests (`from omni_model_tests import tiny`).
 
-They are imported as the package `omni_model_tests` (omni-model's tests folder), so that their own
-relative imports work without putting that folder on sys.path.
+It is omni-model's tests folder registered under a name of its own, so the helpers' relative imports
+work without putting that folder on sys.path.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import sys
 from pathlib import Path
 
-_TESTS = Path(__file__).parents[2] / "omni-model" / "tests"
+_TESTS = Path(__file__).parent / "packages" / "omni-model" / "tests"
 
 
 def _package() -> None:
@@ -24,5 +24,3 @@ def _package() -> None:
 
 
 _package()
-tiny = importlib.import_module("omni_model_tests.tiny")
-tiny_gguf = importlib.import_module("omni_model_tests.tiny_gguf")
