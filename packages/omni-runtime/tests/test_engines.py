@@ -68,6 +68,16 @@ def test_engines_follow_the_protocol_and_agree(exported):
         assert np.abs(np.concatenate(steps) - full[e.name]).max() <= 1e-4, e.name
 
 
+def test_chunked_prefill_equals_one_call(exported):
+    ids = list(np.random.default_rng(3).integers(0, 256, 50))
+    whole = OrtEngine(exported[1], prefill_chunk=64).forward(ids, last_only=False)
+    chunked = OrtEngine(exported[1], prefill_chunk=16)
+    assert np.abs(chunked.forward(ids, last_only=False) - whole).max() <= 1e-4
+    assert chunked.seq_len == 50
+    chunked.reset()
+    assert np.abs(chunked.forward(ids)[-1] - whole[-1]).max() <= 1e-4
+
+
 def test_greedy_generation_is_identical_across_engines(exported):
     hf, folder, _ = exported
     lm = omni_model.load(hf)

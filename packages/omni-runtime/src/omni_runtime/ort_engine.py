@@ -58,7 +58,20 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 class OrtEngine:
     name = "onnx"
 
-    def __init__(self, folder: str | Path, *, threads: int = 2, max_seq_len: int | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        threads: int = 2,
+        max_seq_len: int | None = None,
+        prefill_chunk: int = 256,
+    ) -> None:
+        """`prefill_chunk`: a long prompt runs in chunks of this many tokens. Activations scale with
+        the chunk, and ONNX Runtime's arena keeps its peak; on the SmolLM2 benchmark 256 beats one
+        512-token call on both speed and peak memory."""
+        if prefill_chunk < 1:
+            raise EngineError(f"prefill_chunk must be positive, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.folder = Path(folder)
         self.manifest = m = read_manifest(self.folder)
         so = ort.SessionOptions()
@@ -133,6 +146,14 @@ class OrtEngine:
             raise EngineError(f"{self._len + n} tokens exceed the engine's max_seq_len of {self.max_seq_len}")
         if x.min() < 0 or x.max() >= self.vocab_size:
             raise EngineError(f"token ids must be in 0..{self.vocab_size - 1}")
+        if n > self.prefill_chunk:
+            c = self.prefill_chunk
+            parts = [self._run(x[:, s : s + c], last_only) for s in range(0, n, c)]
+            return parts[-1] if last_only else np.concatenate(parts)
+        return self._run(x, last_only)
+
+    def _run(self, x: np.ndarray, last_only: bool) -> np.ndarray:
+        n = x.shape[1]
         b = self._last_binding if last_only else self._bind(None)
         b.bind_cpu_input("input_ids", x)
         b.bind_cpu_input("attention_mask", self._mask[:, : self._len + n])
