@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+from omni_model.errors import GenerationError
+
+if TYPE_CHECKING:
+    from omni_model.sampling_config import SamplingConfig
+    from omni_model.tokenizer import Tokenizer
 
 FinishReason = Literal["length", "stop_token", "stop_string"]
 
@@ -83,3 +91,81 @@ class StopStringFilter:
         piece = self.text[self.shown : end]
         self.shown = max(self.shown, end)
         return piece
+
+
+def token_budget(n_prompt: int, max_seq_len: int, config: SamplingConfig, what: str = "model") -> int:
+    """How many tokens may follow a prompt of n_prompt tokens; a one-line error when none may."""
+    if n_prompt == 0:
+        raise GenerationError("the prompt is empty; generation needs at least one token to start from")
+    if n_prompt >= max_seq_len:
+        raise GenerationError(
+            f"the prompt has {n_prompt} tokens, which leaves no room under the {what}'s max_seq_len ({max_seq_len})"
+        )
+    # The last generated token is never fed back, so prompt + new tokens may fill max_seq_len exactly.
+    return min(config.max_new_tokens, max_seq_len - n_prompt)
+
+
+def decode_loop(
+    n_prompt: int, budget: int, config: SamplingConfig, prefill: Callable[[], Any],
+    pick: Callable[[Any, int], int], step: Callable[[int, int], Any],
+    on_token: Callable[[int], None] | None = None, stop_check: Callable[[Sequence[int]], bool] | None = None,
+) -> GenerationResult:  # fmt: skip
+    """The generate loop every backend shares. `prefill()` gives the prompt's last logits;
+    `pick(logits, n_seen)` samples the next token; `step(token, n_seen)` records it at position
+    n_seen and returns the logits after it. Timings, stop tokens and stop checks are handled here."""
+    stop_ids = config.stop_token_ids or frozenset()
+    out: list[int] = []
+    finish: FinishReason = "length"
+    t0 = time.perf_counter()
+    logits = prefill()
+    t_first = None
+    for i in range(budget):
+        token = pick(logits, n_prompt + i)
+        if t_first is None:
+            t_first = time.perf_counter()
+        if token in stop_ids:
+            finish = "stop_token"
+            break
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if stop_check is not None and stop_check(out):
+            finish = "stop_string"
+            break
+        if i + 1 < budget:  # the last token needs no forward: nothing samples from its logits
+            logits = step(token, n_prompt + i)
+    t_end = time.perf_counter()
+    t_first = t_first if t_first is not None else t_end
+    return GenerationResult(
+        token_ids=tuple(out), finish_reason=finish, prefill_seconds=t_first - t0,
+        decode_seconds=t_end - t_first, n_prompt=n_prompt, n_generated=len(out),
+    )  # fmt: skip
+
+
+def stream_text(
+    tokenizer: Tokenizer, prompt: str, config: SamplingConfig, on_text: Callable[[str], None] | None,
+    run: Callable[..., GenerationResult],
+) -> GenerationResult:  # fmt: skip
+    """Text in, streamed text out around a token-level generate `run(ids, config, on_token=,
+    stop_check=)`: stop tokens default to the tokenizer's EOS tokens, and stop strings never reach
+    `on_text` or the returned text."""
+    from omni_model.tokenizer import StreamDecoder
+
+    if config.stop_token_ids is None:
+        config = dataclasses.replace(config, stop_token_ids=frozenset(tokenizer.eos_token_ids))
+    stream = StreamDecoder(tokenizer)
+    stops = StopStringFilter(config.stop_strings)
+
+    def emit(piece: str) -> None:
+        if piece and on_text is not None:
+            on_text(piece)
+
+    def on_token(token: int) -> None:
+        emit(stops.push(stream.push(token)))
+
+    result = run(tokenizer.encode(prompt), config, on_token=on_token,
+                 stop_check=(lambda _ids: stops.stopped) if config.stop_strings else None)  # fmt: skip
+    if not stops.stopped:
+        emit(stops.push(stream.flush()))
+        emit(stops.flush())
+    return dataclasses.replace(result, text=stops.text)
