@@ -7,7 +7,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import onnx
 import pytest
 import torch
 from omni_model_tests import tiny, tiny_gguf
@@ -96,26 +95,6 @@ def test_quantized_from_float_equals_the_dequantized_model(tmp_path, weights):
     with torch.no_grad():
         ref = lm.model(torch.tensor([ids]))[0].numpy()
     assert np.abs(_logits(tmp_path / "q", ids) - ref).max() <= 1e-4
-
-
-def test_tied_table_stored_once_or_twice_computes_the_same(tmp_path):
-    tiny.save_tiny("llama", tmp_path / "hf", tie_word_embeddings=True)
-    opts = dict(weights="int8", parity_prompt_tokens=8, parity_decode_tokens=2)
-    once = export_onnx(
-        tmp_path / "hf", tmp_path / "once", ExportConfig(share_tied_table=True, **opts), parity_text=TEXT
-    )
-    twice = export_onnx(tmp_path / "hf", tmp_path / "twice", ExportConfig(**opts), parity_text=TEXT)
-    assert (
-        once["quantization"]["tied_table_stored"] == "once"
-        and twice["quantization"]["tied_table_stored"] == "twice"
-    )
-    table = tiny.VOCAB * 64  # 8-bit codes of the (VOCAB, 64) table
-    assert twice["file_bytes"] - once["file_bytes"] >= table
-    names = {f: {i.name for i in onnx.load(tmp_path / f / "model.onnx", load_external_data=False).graph.initializer}
-             for f in ("once", "twice")}  # fmt: skip
-    assert "embed.qweight" not in names["once"] and {"embed.qweight", "lm_head.qweight"} <= names["twice"]
-    ids = list(range(40, 60))
-    assert np.array_equal(_logits(tmp_path / "once", ids), _logits(tmp_path / "twice", ids))
 
 
 def test_export_replaces_an_export_but_nothing_else(tmp_path):

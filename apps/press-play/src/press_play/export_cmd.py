@@ -38,13 +38,6 @@ def export(
     max_seq_len: Annotated[
         int, typer.Option("--max-seq-len", min=1, help="Longest context the graph serves.")
     ] = 4096,
-    share_tied_table: Annotated[
-        bool,
-        typer.Option(
-            "--share-tied-table/--separate-tied-table",
-            help="Store a tied quantized embedding/head once (smaller file) or twice (less memory at run time).",
-        ),
-    ] = False,
 ) -> None:
     """Export a model to an ONNX folder (graph, weights, tokenizer, manifest with parity figures)."""
     with reporting_errors():
@@ -53,8 +46,7 @@ def export(
         from omni_export.export import ExportConfig, export_onnx
 
         config = ExportConfig(weights=weights, block_size=block_size, symmetric=symmetric,  # type: ignore[arg-type]
-                              accuracy_level=accuracy_level, max_seq_len=max_seq_len,
-                              share_tied_table=share_tied_table)  # fmt: skip
+                              accuracy_level=accuracy_level, max_seq_len=max_seq_len)  # fmt: skip
         columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("export", total=5)

@@ -46,7 +46,6 @@ class ExportConfig:
     symmetric: bool = False
     accuracy_level: int = 4  # MatMulNBits compute: 1 float32, 4 int8 activations (faster)
     max_seq_len: int = 4096  # context the graph serves (capped by the model's)
-    share_tied_table: bool = False  # a tied quantized embedding/head stored once: see GraphOptions
     parity_prompt_tokens: int = 64
     parity_decode_tokens: int = 32
 
@@ -88,7 +87,7 @@ def export_onnx(
         weights = quantized_weights(state, cfg, resolve_source(source), bits, config.block_size,
                                     config.symmetric, count)  # fmt: skip
     report("building the graph", 2, 5)
-    opts = GraphOptions(config.weights, config.accuracy_level, max_seq, config.share_tied_table)
+    opts = GraphOptions(config.weights, config.accuracy_level, max_seq)
     graph = build_decoder_graph(cfg, weights, opts)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -108,8 +107,6 @@ def export_onnx(
             "quantization": {"weights": config.weights, "block_size": config.block_size,
                              "symmetric": config.symmetric, "accuracy_level": config.accuracy_level,
                              "embedding_and_head_bits": 8 if config.weights in ("int4", "int8") else None,
-                             "tied_table_stored": (("once" if config.share_tied_table else "twice")
-                                                   if cfg.tie_embeddings and config.weights in ("int4", "int8") else None),
                              "tensors_converted_from_gguf": origin["converted"],
                              "tensors_quantized_from_float": origin["quantized"]},
             "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "logits_to_keep": "logits_to_keep",

@@ -38,11 +38,6 @@ class GraphOptions:
     weights: WeightFormat = "float32"
     accuracy_level: int = 4  # MatMulNBits: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
     max_seq_len: int = 2048  # rows of the rotary tables: the longest sequence the graph serves
-    # A tied, quantized embedding and head stored once (smaller file) or twice. Once, ONNX Runtime
-    # keeps both the table the embedding gathers from and the head's prepacked copy resident; twice,
-    # it frees the head's original after prepacking and the gathered table is read row by row
-    # (measured on SmolLM2-135M int4: 31 MB more file, 20 MB less peak memory).
-    share_tied_table: bool = False
 
     def __post_init__(self) -> None:
         if self.weights not in ("float32", "float16", "int8", "int4"):
@@ -200,13 +195,8 @@ class _Builder:
             raise UnsupportedExportError("the quantized embedding must be 8-bit with integer zero points")
         zp = [] if p.zero_points is None else [g.const("embed.zero_points", p.zero_points[..., None])]
         # Blocks (N, k_blocks, block): the same bytes a tied head's MatMulNBits reads.
-        head_reads_it = self.cfg.tie_embeddings and "lm_head.weight" not in self.w
-        if head_reads_it and self.opts.share_tied_table:
-            codes = g.const("lm_head.qweight", p.packed)
-        else:  # a copy is a distinct initializer (Graph.const shares by identity)
-            codes = g.const("embed.qweight", p.packed.copy() if head_reads_it else p.packed)
         rows = g.op(
-            "GatherBlockQuantized", [codes, ids, g.const("embed.scales", p.scales[..., None]), *zp],
+            "GatherBlockQuantized", [g.const("lm_head.qweight", p.packed), ids, g.const("embed.scales", p.scales[..., None]), *zp],
             domain=MS, gather_axis=0, quantize_axis=2, block_size=p.block_size, bits=8,
         )  # fmt: skip
         x = g.op("Reshape", [rows, g.const("flatten_blocks", np.array([0, 0, -1], np.int64))])
