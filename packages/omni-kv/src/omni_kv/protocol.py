@@ -39,6 +39,10 @@ class KVCache(Protocol):
         """Forget the last n committed tokens."""
         ...
 
+    def kv_length(self, t: int) -> int:
+        """How many keys the next update of t new tokens returns (seq_len + t unless tokens leave)."""
+        ...
+
     def reset(self) -> None:
         """Forget every token."""
         ...
@@ -59,6 +63,9 @@ class SequenceCache:
     @property
     def seq_len(self) -> int:
         return self._len
+
+    def kv_length(self, t: int) -> int:
+        return self._len + t
 
     def advance(self, n: int) -> None:
         if n < 0 or self._len + n > self._room():

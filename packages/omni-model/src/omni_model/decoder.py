@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from omni_kv import DenseKVCache, KVCache, LatentKVCache
+from omni_kv import DenseKVCache, KVCache, KVCacheError, LatentKVCache, QuantizedKVCache, SinkWindowKVCache
+from omni_kv.quantized import QuantizedLatentKVCache
+from omni_kv.spec import CacheSpec
 from omni_model.block import Block
 from omni_model.config import ModelConfig
 from omni_model.layers import Embedding, Linear, RMSNorm
@@ -47,21 +49,39 @@ class Decoder(nn.Module):
                 m.bias.zero_()
 
     def make_cache(
-        self, batch_size: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None
-    ) -> DenseKVCache | LatentKVCache:
-        """A cache sized for this model (grows on demand when max_len is None): dense keys and values,
-        or latents for latent attention."""
-        cfg = self.config
+        self, batch_size: int = 1, max_len: int | None = None, dtype: torch.dtype | None = None,
+        spec: CacheSpec | None = None,
+    ) -> KVCache:  # fmt: skip
+        """A cache sized for this model (grows on demand when max_len is None), of the kind `spec`
+        names (dense by default): keys and values per kv head, or latents for latent attention."""
+        cfg, spec = self.config, spec or CacheSpec()
+        device = self.embed_tokens.weight.device
+        if spec.kind == "dense" and dtype is None and spec.dtype == "float16":
+            dtype = torch.float16
+        dtype = dtype or self.embed_tokens.weight.dtype
         if cfg.mla is not None:
-            return LatentKVCache(
-                cfg.n_layers, cfg.mla.kv_lora_rank, cfg.mla.qk_rope_head_dim, batch_size=batch_size,
-                max_len=max_len, dtype=dtype or self.embed_tokens.weight.dtype,
-                device=self.embed_tokens.weight.device,
-            )  # fmt: skip
-        return DenseKVCache(
-            cfg.n_layers, cfg.n_kv_heads, cfg.head_size, batch_size=batch_size, max_len=max_len,
-            dtype=dtype or self.embed_tokens.weight.dtype, device=self.embed_tokens.weight.device,
-        )  # fmt: skip
+            rank, rope = cfg.mla.kv_lora_rank, cfg.mla.qk_rope_head_dim
+            if spec.kind == "dense":
+                return LatentKVCache(cfg.n_layers, rank, rope, batch_size=batch_size, max_len=max_len, dtype=dtype,
+                                     device=device)  # fmt: skip
+            if spec.kind in ("int8", "kivi", "nf4"):
+                return QuantizedLatentKVCache(cfg.n_layers, rank, rope, spec.quant_config(), batch_size=batch_size,
+                                              max_len=max_len, device=device)  # fmt: skip
+            raise KVCacheError(f"a {spec.kind} cache is not available for latent attention (MLA) yet")
+        dims = (cfg.n_layers, cfg.n_kv_heads, cfg.head_size)
+        if spec.kind == "dense":
+            return DenseKVCache(*dims, batch_size=batch_size, max_len=max_len, dtype=dtype, device=device)
+        if spec.kind in ("int8", "kivi", "nf4"):
+            return QuantizedKVCache(
+                *dims, spec.quant_config(), batch_size=batch_size, max_len=max_len, device=device
+            )
+        if any(w is not None for w in self._windows):
+            raise KVCacheError(f"a {spec.kind} cache cannot serve a model with sliding-window layers")
+        if spec.dtype == "float16":
+            dtype = torch.float16
+        sinks = spec.sinks if spec.kind == "sink" else 0
+        return SinkWindowKVCache(*dims, sinks=sinks, window=spec.window, rotate=self.rope.shift,
+                                 batch_size=batch_size, dtype=dtype, device=device)  # fmt: skip
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
         return self.logits(self.hidden_states(input_ids, cache), last_only)
@@ -71,7 +91,7 @@ class Decoder(nn.Module):
         t = input_ids.shape[1]
         start = cache.seq_len if cache is not None else 0
         cos, sin = self.rope(start, t)
-        masks = self._masks(start, t, input_ids.device)
+        masks = self._masks(start, t, input_ids.device, cache.kv_length(t) if cache is not None else t)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, masks[self._windows[i]])
@@ -109,13 +129,14 @@ class Decoder(nn.Module):
             if isinstance(m, MLAttention):
                 m.mode = mode
 
-    def _masks(self, start: int, t: int, device: torch.device) -> dict[int | None, Tensor | None]:
+    def _masks(self, start: int, t: int, device: torch.device, s: int) -> dict[int | None, Tensor | None]:
         """Boolean attention masks (T, S), True = attend, keyed by window (None = full attention).
+        S keys: the cache's (start + t, fewer when tokens have left it), the new ones last.
 
         None stands for "no mask needed": plain causal from position 0 (is_causal) or one token that
         sees everything before it.
         """
-        s = start + t
+        start = s - t  # positions as the keys see them
         out: dict[int | None, Tensor | None] = {}
         q_pos = torch.arange(start, s, device=device)[:, None]  # (T, 1)
         k_pos = torch.arange(s, device=device)[None, :]  # (1, S)

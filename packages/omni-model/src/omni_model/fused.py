@@ -89,6 +89,7 @@ class FusedBlock(nn.Module):
             q, k = qk[:, :h], qk[:, h:]
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, Dh)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a float16 cache under a float32 model
         x = x + self.o_proj(attend(q, k, v, mask, 1.0).transpose(1, 2).reshape(b, t, h * dh))
         if self.moe is not None and self.moe_norm is not None:
             return x + self.moe(self.moe_norm(x))

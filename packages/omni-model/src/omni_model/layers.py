@@ -92,6 +92,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, Dh)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a float16 cache under a float32 model
         return self.o_proj(attend(q, k, v, mask, self.scale).transpose(1, 2).reshape(b, t, -1))
 
 

@@ -95,7 +95,14 @@ class Rope(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (n, Dh): the half-split layout
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
-        self._table_len = n
+        self._table_len, self._inv = n, inv
+
+    def shift(self, x: Tensor, delta: int) -> Tensor:
+        """Keys x (B, H, T, Dh) rotated at positions p, turned into keys rotated at p + delta: a pure
+        rotation by delta (the cos/sin scale of YaRN was applied once already)."""
+        freqs = delta * self._inv.to(x.device)
+        emb = torch.cat((freqs, freqs))
+        return apply_rope(x, emb.cos().to(x.dtype), emb.sin().to(x.dtype))
 
     def forward(self, start: int, n: int) -> tuple[Tensor, Tensor]:
         """cos, sin of shape (n, Dh) for positions start .. start+n-1."""

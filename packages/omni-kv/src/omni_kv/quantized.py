@@ -1,0 +1,362 @@
+"""Quantized KV caches: int8 per token, int4 in KIVI's layout, NF4.
+
+Each layer keeps its keys and its values as two streams. A stream holds its oldest tokens as codes
+with a scale and an offset per group, and its newest `residual` tokens in full precision. Reading a
+layer dequantizes the coded part and appends the full-precision tail, so attention sees exactly what
+the cache keeps, on every step.
+
+Groups run one of two ways:
+- per token: each token's vector is cut into groups of `group` channels (the whole head when group
+  is None), each group with its own scale and offset. Values always; keys too for int8 and NF4.
+- per channel: each channel of `group` consecutive tokens shares one scale and offset. KIVI (Liu et
+  al. 2024) quantizes keys this way, since a few key channels carry most of the magnitude; tokens
+  wait in the full-precision tail until a whole group of them can be coded.
+
+Formats: int8 and int4 are asymmetric (code = round((x - min) / scale)); NF4 (Dettmers et al.
+2023) maps x / absmax of its group to the nearest of 16 levels spaced as quantiles of a normal
+distribution. 4-bit codes are packed two per byte. Scales and offsets are float16, as KIVI stores
+them; arithmetic is float32.
+
+Rolling back moves the mark; the next write drops what lies beyond it, first returning a coded
+group that the mark cuts into to full precision (its dequantized values: what attention already saw).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from omni_kv.protocol import CacheFullError, KVCacheError, SequenceCache
+
+Format = Literal["int8", "int4", "nf4"]
+Axis = Literal["token", "channel"]
+
+# The 16 NF4 levels of QLoRA (Dettmers et al. 2023, appendix E).
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])  # fmt: skip
+_NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """How one stream (keys or values) is coded."""
+
+    format: Format = "int8"
+    axis: Axis = "token"
+    group: int | None = (
+        None  # channels per group (axis token; None = the whole head) or tokens (axis channel)
+    )
+    residual: int = 0  # newest tokens kept in full precision
+
+    def __post_init__(self) -> None:
+        if self.format not in ("int8", "int4", "nf4"):
+            raise KVCacheError(f"KV quantization format must be int8, int4 or nf4, got {self.format!r}")
+        if self.axis not in ("token", "channel"):
+            raise KVCacheError(f"KV quantization axis must be 'token' or 'channel', got {self.axis!r}")
+        if self.format == "nf4" and self.axis == "channel":
+            raise KVCacheError("NF4 groups run per token (absmax over channels), not per channel")
+        if self.group is not None and self.group <= 0:
+            raise KVCacheError(f"KV quantization group size must be positive, got {self.group}")
+        if self.axis == "channel" and self.group is None:
+            raise KVCacheError("per-channel KV quantization needs a group size (tokens per group)")
+        if self.residual < 0:
+            raise KVCacheError(f"the full-precision residual must be >= 0 tokens, got {self.residual}")
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.format == "int8" else 4
+
+    def check_dim(self, dim: int) -> None:
+        if self.axis == "token" and self.group is not None and dim % self.group:
+            raise KVCacheError(
+                f"KV quantization group size {self.group} does not divide the head dimension {dim}"
+            )
+        if self.bits == 4 and dim % 2:
+            raise KVCacheError(f"4-bit KV codes pack channel pairs; head dimension {dim} is odd")
+
+
+@dataclass(frozen=True)
+class KVQuantConfig:
+    """The coding of keys and of values; `int8()`, `kivi()` and `nf4()` build the usual ones."""
+
+    keys: StreamSpec
+    values: StreamSpec
+
+    @classmethod
+    def int8(cls, residual: int = 0) -> KVQuantConfig:
+        s = StreamSpec("int8", "token", None, residual)
+        return cls(s, s)
+
+    @classmethod
+    def kivi(cls, bits: int = 4, group: int = 32, residual: int = 128) -> KVQuantConfig:
+        if bits not in (4, 8):
+            raise KVCacheError(f"KIVI bits must be 4 or 8, got {bits}")
+        fmt: Format = "int4" if bits == 4 else "int8"
+        return cls(StreamSpec(fmt, "channel", group, residual), StreamSpec(fmt, "token", group, residual))
+
+    @classmethod
+    def nf4(cls, group: int = 64, residual: int = 0) -> KVQuantConfig:
+        s = StreamSpec("nf4", "token", group, residual)
+        return cls(s, s)
+
+
+def quantize(x: Tensor, spec: StreamSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """x (B, H, T, D) float -> codes (B, H, T, D or D/2) uint8, scale and offset float16 of shape
+    (B, H, T, D / group) per token or (B, H, T / group, D) per channel (NF4's offset is zero)."""
+    b, h, t, d = x.shape
+    x = x.float()
+    if spec.axis == "token":
+        g = spec.group or d
+        xg = x.reshape(b, h, t, d // g, g)
+        reduce = -1
+    else:
+        g = spec.group
+        assert g is not None and t % g == 0
+        xg = x.reshape(b, h, t // g, g, d)
+        reduce = -2
+    if spec.format == "nf4":
+        absmax = xg.abs().amax(dim=reduce, keepdim=True).clamp_min(1e-8)
+        scale = absmax.half()
+        levels = xg / scale.float()
+        codes = torch.bucketize(levels, _NF4_MIDPOINTS.to(x.device)).to(torch.uint8)
+        offset = torch.zeros_like(scale)
+    else:
+        lo, hi = xg.amin(dim=reduce, keepdim=True), xg.amax(dim=reduce, keepdim=True)
+        qmax = (1 << spec.bits) - 1
+        scale = ((hi - lo) / qmax).clamp_min(1e-8).half()
+        offset = lo.half()
+        codes = ((xg - offset.float()) / scale.float()).round_().clamp_(0, qmax).to(torch.uint8)
+    codes = codes.reshape(b, h, t, d)
+    if spec.bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, scale.squeeze(reduce), offset.squeeze(reduce)
+
+
+def dequantize(codes: Tensor, scale: Tensor, offset: Tensor | None, spec: StreamSpec, dim: int) -> Tensor:
+    """The float32 (B, H, T, dim) that `quantize` coded."""
+    b, h, t, _ = codes.shape
+    if spec.bits == 4:
+        codes = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(b, h, t, dim)
+    if spec.axis == "token":
+        g = spec.group or dim
+        shape, unsq = (b, h, t, dim // g, g), -1
+    else:
+        g = spec.group
+        assert g is not None
+        shape, unsq = (b, h, t // g, g, dim), -2
+    c = codes.reshape(shape)
+    if spec.format == "nf4":
+        x = NF4_LEVELS.to(codes.device)[c.long()] * scale.float().unsqueeze(unsq)
+    else:
+        assert offset is not None
+        x = c.float() * scale.float().unsqueeze(unsq) + offset.float().unsqueeze(unsq)
+    return x.reshape(b, h, t, dim)
+
+
+class _Stream:
+    """One layer's keys or values: coded tokens [0, n_coded), full-precision tokens [n_coded, n)."""
+
+    def __init__(self, spec: StreamSpec, batch: int, heads: int, dim: int, device) -> None:
+        self.spec, self.dim = spec, dim
+        self.shape = (batch, heads)
+        self.device = device
+        code_dim = dim if spec.bits == 8 else dim // 2
+        self.codes = torch.zeros(batch, heads, 0, code_dim, dtype=torch.uint8, device=device)
+        n_groups = dim // (spec.group or dim) if spec.axis == "token" else dim
+        self.scale = torch.zeros(batch, heads, 0, n_groups, dtype=torch.float16, device=device)
+        self.offset = None if spec.format == "nf4" else torch.zeros_like(self.scale)  # NF4: absmax only
+        self.tail = torch.zeros(batch, heads, 0, dim, dtype=torch.float32, device=device)
+        self.n_coded = 0  # tokens held as codes
+        self.n_tail = 0  # tokens held in full precision after them
+
+    @property
+    def n(self) -> int:
+        return self.n_coded + self.n_tail
+
+    def _scale_rows(self, tokens: int) -> int:
+        return tokens if self.spec.axis == "token" else tokens // self.spec.group  # type: ignore[operator]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n tokens."""
+        if n >= self.n:
+            return
+        if n >= self.n_coded:
+            self.n_tail = n - self.n_coded
+            return
+        # The mark cuts into the coded part: decode from the start of the group it falls in.
+        keep = n if self.spec.axis == "token" else (n // self.spec.group) * self.spec.group  # type: ignore[operator]
+        back = self.read_coded(keep, n)
+        self.n_coded, self.n_tail = keep, 0
+        self._append_tail(back)
+
+    def read_coded(self, start: int, end: int) -> Tensor:
+        """Coded tokens [start, end) dequantized; start falls on a group boundary."""
+        stop = end
+        if self.spec.axis == "channel":  # whole groups of tokens decode together
+            g = self.spec.group
+            assert g is not None
+            stop = -(-end // g) * g
+        r0, r1 = self._scale_rows(start), self._scale_rows(stop)
+        offset = None if self.offset is None else self.offset[:, :, r0:r1]
+        x = dequantize(self.codes[:, :, start:stop], self.scale[:, :, r0:r1], offset, self.spec, self.dim)
+        return x[:, :, : end - start]
+
+    def _append_tail(self, x: Tensor) -> None:
+        need = self.n_tail + x.shape[2]
+        if need > self.tail.shape[2]:
+            grown = self.tail.new_zeros(*self.shape, max(need, 2 * self.tail.shape[2], 16), self.dim)
+            grown[:, :, : self.n_tail] = self.tail[:, :, : self.n_tail]
+            self.tail = grown
+        self.tail[:, :, self.n_tail : need] = x
+        self.n_tail = need
+
+    def _code(self, n: int) -> None:
+        """Move the oldest n tail tokens into the coded part."""
+        codes, scale, offset = quantize(self.tail[:, :, :n], self.spec)
+        rows = self._scale_rows(self.n_coded)
+        self.codes = _put(self.codes, self.n_coded, codes)
+        self.scale = _put(self.scale, rows, scale)
+        if self.offset is not None:
+            self.offset = _put(self.offset, rows, offset)
+        self.n_coded += n
+        rest = self.tail[:, :, n : self.n_tail].clone()
+        self.n_tail = 0
+        self._append_tail(rest)
+
+    def write(self, at: int, x: Tensor) -> Tensor:
+        """Store x (B, H, T, D) as tokens at.., code what leaves the residual; return all tokens."""
+        self.truncate(at)
+        self._append_tail(x.float())
+        excess = self.n_tail - self.spec.residual
+        if self.spec.axis == "channel":
+            excess = (excess // self.spec.group) * self.spec.group  # type: ignore[operator]
+        if excess > 0:
+            self._code(excess)
+        parts = [self.read_coded(0, self.n_coded)] if self.n_coded else []
+        parts.append(self.tail[:, :, : self.n_tail])
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def nbytes(self) -> int:
+        """Bytes the kept tokens take: codes, scales and offsets of the coded part, the float tail."""
+        rows = self._scale_rows(self.n_coded)
+        per_code = self.codes.shape[3]
+        per_row = self.scale.shape[3] * 2 * (1 if self.offset is None else 2)
+        b, h = self.shape
+        return b * h * (self.n_coded * per_code + rows * per_row + self.n_tail * self.dim * 4)
+
+
+def _put(buf: Tensor, at: int, x: Tensor) -> Tensor:
+    """buf with x written at index `at` of dim 2, grown (doubling) when it is too short."""
+    need = at + x.shape[2]
+    if need > buf.shape[2]:
+        grown = buf.new_zeros(buf.shape[0], buf.shape[1], max(need, 2 * buf.shape[2]), buf.shape[3])
+        grown[:, :, :at] = buf[:, :, :at]
+        buf = grown
+    buf[:, :, at:need] = x
+    return buf
+
+
+class QuantizedKVCache(SequenceCache):
+    """The KV cache protocol over quantized streams (see the module docstring)."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        config: KVQuantConfig,
+        *,
+        batch_size: int = 1,
+        max_len: int | None = None,
+        device: torch.device | str = "cpu",
+        v_head_dim: int | None = None,
+    ) -> None:
+        if min(n_layers, n_kv_heads, head_dim, batch_size) <= 0:
+            raise KVCacheError(
+                f"cache dimensions must be positive, got n_layers={n_layers}, n_kv_heads={n_kv_heads}, "
+                f"head_dim={head_dim}, batch_size={batch_size}"
+            )
+        if max_len is not None and max_len <= 0:
+            raise KVCacheError(f"max_len must be positive, got {max_len}")
+        v_dim = v_head_dim or head_dim
+        config.keys.check_dim(head_dim)
+        config.values.check_dim(v_dim)
+        self.config, self.n_layers, self.max_len = config, n_layers, max_len
+        self._k = [_Stream(config.keys, batch_size, n_kv_heads, head_dim, device) for _ in range(n_layers)]
+        self._v = [_Stream(config.values, batch_size, n_kv_heads, v_dim, device) for _ in range(n_layers)]
+        self._len = 0
+
+    def _room(self) -> int:
+        return self.max_len if self.max_len is not None else 1 << 62
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        ks, vs = self._k[layer], self._v[layer]
+        b, h, t, d = k.shape
+        if (b, h) != ks.shape or d != ks.dim or v.shape[:3] != k.shape[:3] or v.shape[3] != vs.dim:
+            raise KVCacheError(
+                f"layer {layer}: keys {tuple(k.shape)} / values {tuple(v.shape)} do not fit a cache of "
+                f"(batch, heads) = {ks.shape}, head dims {ks.dim}/{vs.dim}"
+            )
+        if self.max_len is not None and self._len + t > self.max_len:
+            raise CacheFullError(f"cache holds at most {self.max_len} tokens; {self._len + t} were requested")
+        return ks.write(self._len, k).to(k.dtype), vs.write(self._len, v).to(v.dtype)
+
+    def reset(self) -> None:
+        super().reset()
+        for s in self._k + self._v:
+            s.truncate(0)
+
+    def nbytes(self) -> int:
+        """Bytes the cached tokens take now (codes, scales, offsets and full-precision tails)."""
+        return sum(s.nbytes() for s in self._k + self._v)
+
+
+def bytes_per_token(config: KVQuantConfig, n_layers: int, n_kv_heads: int, head_dim: int,
+                    v_head_dim: int | None = None) -> float:  # fmt: skip
+    """Bytes one coded token takes over all layers (keys and values, scales and offsets amortised
+    over their groups; the full-precision residual not counted)."""
+
+    def stream(spec: StreamSpec, d: int) -> float:
+        per_group = 2 if spec.format == "nf4" else 4  # float16 scale (and offset)
+        if spec.axis == "token":
+            groups = d // (spec.group or d)
+        else:
+            groups = d / spec.group  # type: ignore[operator]
+        return d * spec.bits / 8 + groups * per_group
+
+    return (
+        n_layers
+        * n_kv_heads
+        * (stream(config.keys, head_dim) + stream(config.values, v_head_dim or head_dim))
+    )
+
+
+class QuantizedLatentKVCache(QuantizedKVCache):
+    """Latent attention's cache (see LatentKVCache) over quantized streams: the latent coded as keys
+    are, the shared rotary key as values are."""
+
+    def __init__(
+        self, n_layers: int, kv_lora_rank: int, rope_dim: int, config: KVQuantConfig, *, batch_size: int = 1,
+        max_len: int | None = None, device: torch.device | str = "cpu",
+    ) -> None:  # fmt: skip
+        super().__init__(n_layers, 1, kv_lora_rank, config, batch_size=batch_size, max_len=max_len, device=device,
+                         v_head_dim=rope_dim)  # fmt: skip
+        self._last: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
+
+    def update(self, layer: int, latent: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
+        self._last[layer] = out = super().update(layer, latent, k_rope)
+        return out
+
+    def joint(self, layer: int, length: int | None = None) -> Tensor:
+        """(B, S, rank + rope_dim) of the last update of `layer`."""
+        last = self._last[layer]
+        if last is None:
+            raise KVCacheError(f"layer {layer}: joint() before any update")
+        return torch.cat(last, dim=-1)[:, 0, :length]

@@ -1,0 +1,114 @@
+"""QuantizedKVCache: codes within their rounding bound, exact full-precision tails, the same answer
+however the tokens arrive, rollback, bytes, and one-line errors for bad settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omni_kv import KVCache, KVCacheError, KVQuantConfig, QuantizedKVCache, StreamSpec
+from omni_kv.quantized import NF4_LEVELS, bytes_per_token, dequantize, quantize
+
+CONFIGS = {
+    "int8": KVQuantConfig.int8(),
+    "int8-residual": KVQuantConfig.int8(residual=5),
+    "kivi4": KVQuantConfig.kivi(bits=4, group=8, residual=16),
+    "kivi8": KVQuantConfig.kivi(bits=8, group=4, residual=0),
+    "nf4": KVQuantConfig.nf4(group=16),
+}
+
+
+def kv(t: int, seed: int, b: int = 2, h: int = 3, d: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, h, t, d, generator=g)
+    k[..., 3] *= 20  # an outlier channel, as real keys have
+    return k, torch.randn(b, h, t, d, generator=g)
+
+
+@pytest.mark.parametrize("spec", [StreamSpec("int8"), StreamSpec("int4", "token", 8), StreamSpec("int4", "channel", 4),
+                                  StreamSpec("int8", "channel", 8), StreamSpec("nf4", "token", 16)])  # fmt: skip
+def test_codes_stay_within_their_rounding_bound(spec):
+    x = kv(16, 0)[0]
+    codes, scale, offset = quantize(x, spec)
+    back = dequantize(codes, scale, None if spec.format == "nf4" else offset, spec, x.shape[-1])
+    if spec.axis == "token":
+        g = spec.group or x.shape[-1]
+        step = scale.float().repeat_interleave(g, dim=-1)
+    else:
+        step = scale.float().repeat_interleave(spec.group, dim=-2)
+    if spec.format == "nf4":  # nearest level: at most half the widest gap between levels, times absmax
+        bound = step * float((NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max()) / 2
+    else:  # half a step, plus float16's rounding of the scale and offset over the group's range
+        bound = step * (0.5 + (2**spec.bits) * 2**-10) + x.abs() * 2**-10
+    assert ((back - x).abs() <= bound + 1e-6).all()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_tail_is_exact_and_arrival_order_does_not_matter(name):
+    cfg = CONFIGS[name]
+    whole = QuantizedKVCache(2, 3, 32, cfg, batch_size=2)
+    stepped = QuantizedKVCache(2, 3, 32, cfg, batch_size=2)
+    assert isinstance(whole, KVCache)
+    k, v = kv(45, 1)
+    ks_whole, vs_whole = whole.update(0, k, v)
+    whole.advance(45)
+    for s, t in [(0, 9), (9, 1), (10, 17), (27, 1), (28, 1), (29, 16)]:
+        ks, vs = stepped.update(0, k[:, :, s : s + t], v[:, :, s : s + t])
+        stepped.advance(t)
+    assert torch.equal(ks, ks_whole) and torch.equal(vs, vs_whole)
+    r = cfg.values.residual
+    if r:
+        assert torch.equal(vs[:, :, -r:], v[:, :, -r:])  # the newest tokens in full precision
+    assert (ks - k).abs().max() > 0 or cfg.keys.residual >= 45  # something was coded
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_rollback_then_rewrite(name):
+    cfg = CONFIGS[name]
+    cache = QuantizedKVCache(1, 3, 32, cfg, batch_size=2)
+    k, v = kv(40, 2)
+    seen_k, seen_v = cache.update(0, k, v)
+    cache.advance(40)
+    cache.rollback(7)
+    k2, v2 = kv(3, 3)
+    ks, vs = cache.update(0, k2, v2)
+    cache.advance(3)
+    assert cache.seq_len == 36 and ks.shape[2] == 36
+    # Tokens before the mark read back as attention saw them (a coded group cut by the mark returns
+    # to full precision as its decoded values); the new ones are stored as written or coded anew.
+    assert torch.allclose(ks[:, :, :33], seen_k[:, :, :33], atol=1e-2 * k.abs().max().item())
+    assert torch.allclose(vs[:, :, :33], seen_v[:, :, :33], atol=1e-2 * v.abs().max().item())
+    cache.reset()
+    assert cache.seq_len == 0 and cache.nbytes() == 0
+
+
+def test_bytes_per_token_counts_codes_and_group_metadata():
+    d, layers, heads = 64, 30, 3
+    dense = layers * heads * d * 2 * 4
+    int8 = bytes_per_token(KVQuantConfig.int8(), layers, heads, d)
+    assert int8 == layers * heads * 2 * (d + 4)
+    kivi = bytes_per_token(KVQuantConfig.kivi(4, 32, 128), layers, heads, d)
+    assert kivi == layers * heads * ((d / 2 + d * 4 / 32) + (d / 2 + 2 * 4))
+    assert dense / int8 > 3.5 and dense / kivi > 5
+    cache = QuantizedKVCache(layers, heads, d, KVQuantConfig.int8(), batch_size=1)
+    for layer in range(layers):
+        cache.update(layer, *kv(10, layer, b=1, d=d))
+    cache.advance(10)
+    assert cache.nbytes() == 10 * int8
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (lambda: StreamSpec("int3"), "int8, int4 or nf4"),
+        (lambda: StreamSpec("int4", "token", 0), "group size must be positive"),
+        (lambda: StreamSpec("int4", "channel", None), "needs a group size"),
+        (lambda: StreamSpec("nf4", "channel", 8), "per token"),
+        (lambda: KVQuantConfig.kivi(bits=3), "KIVI bits"),
+        (lambda: QuantizedKVCache(1, 1, 30, KVQuantConfig.nf4(group=16)), "16 does not divide the head dimension 30"),
+        (lambda: StreamSpec("int8", residual=-1), "residual"),
+    ],
+)  # fmt: skip
+def test_bad_settings_are_one_line_errors(make, what):
+    with pytest.raises(KVCacheError, match=what):
+        make()
