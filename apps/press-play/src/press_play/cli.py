@@ -18,6 +18,7 @@ from press_play.common import out, reporting_errors, settings
 from press_play.eval_cmd import eval_app
 from press_play.export_cmd import export
 from press_play.generate_cmd import generate
+from press_play.kv_cmd import kv_app
 from press_play.tour import run_tour
 
 DEFAULT_ACTION: Callable[[], None] = run_tour
@@ -34,6 +35,7 @@ app.command()(generate)
 app.command()(chat)
 app.command()(export)
 app.add_typer(eval_app, name="eval")
+app.add_typer(kv_app, name="kv")
 
 
 def _installed_versions() -> list[tuple[str, str]]:

@@ -37,10 +37,13 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 @contextmanager
 def reporting_errors() -> Iterator[None]:
-    """Turn bad input (any OmniError) into one line and exit 1; Ctrl-C into a short note and exit 130."""
+    """Turn bad input (any OmniError, or a KV cache setting omni_kv rejects) into one line and exit 1;
+    Ctrl-C into a short note and exit 130."""
+    from omni_kv import KVCacheError
+
     try:
         yield
-    except OmniError as e:
+    except (OmniError, KVCacheError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         err.print("\n[yellow]interrupted[/yellow]")

@@ -1,0 +1,42 @@
+"""press-play kv plan: a row per cache kind with figures the planner computes; bad input in one line."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+import omni_model
+from omni_kv import CacheSpec
+from press_play import cli
+from press_play.kv_cmd import parse_bytes
+
+runner = CliRunner()
+
+
+def test_plan_gives_each_kind_its_longest_context(tiny_model_dir):
+    result = runner.invoke(cli.app, ["kv", "plan", "--model", str(tiny_model_dir), "--budget", "1MB",
+                                     "--kv", "dense", "--kv", "int8", "--kv", "sink", "--context", "100"],
+                           terminal_width=200)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    cfg = omni_model.load(tiny_model_dir).config
+    dims = (cfg.n_layers, cfg.n_kv_heads, cfg.head_size)
+    for kind in ("dense", "int8"):
+        longest = CacheSpec.parse(kind).max_context(10**6, *dims)
+        assert f"{longest:,}" in result.output
+    assert "unbounded" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [(["--budget", "2XB"], "not a size"), (["--budget", "10"], "smaller than one token"),
+     (["--kv", "kivi:bits=3"], "KIVI bits must be 4 or 8")],
+)  # fmt: skip
+def test_bad_input_is_one_line(tiny_model_dir, args, what):
+    result = runner.invoke(cli.app, ["kv", "plan", "--model", str(tiny_model_dir), *args])
+    assert result.exit_code == 1 and what in result.output and "Traceback" not in result.output
+
+
+def test_parse_bytes():
+    assert (
+        parse_bytes("2GB") == 2 * 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("64") == 64
+    )
