@@ -7,8 +7,8 @@ from typer.testing import CliRunner
 
 import omni_model
 from omni_kv import CacheSpec
+from omni_kv.spec import parse_size
 from press_play import cli
-from press_play.kv_cmd import parse_bytes
 
 runner = CliRunner()
 
@@ -28,7 +28,7 @@ def test_plan_gives_each_kind_its_longest_context(tiny_model_dir):
 
 @pytest.mark.parametrize(
     ("args", "what"),
-    [(["--budget", "2XB"], "not a size"), (["--budget", "10"], "smaller than one token"),
+    [(["--budget", "2XB"], "not a positive size"), (["--budget", "10"], "smaller than one token"),
      (["--kv", "kivi:bits=3"], "KIVI bits must be 4 or 8")],
 )  # fmt: skip
 def test_bad_input_is_one_line(tiny_model_dir, args, what):
@@ -36,7 +36,6 @@ def test_bad_input_is_one_line(tiny_model_dir, args, what):
     assert result.exit_code == 1 and what in result.output and "Traceback" not in result.output
 
 
-def test_parse_bytes():
-    assert (
-        parse_bytes("2GB") == 2 * 10**9 and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("64") == 64
-    )
+def test_parse_size():
+    assert parse_size("2GB", "x") == 2 * 10**9 and parse_size("512MiB", "x") == 512 * 2**20
+    assert parse_size("64", "x") == 64

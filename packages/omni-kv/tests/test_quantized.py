@@ -14,7 +14,7 @@ CONFIGS = {
     "int8-residual": KVQuantConfig.int8(residual=5),
     "kivi4": KVQuantConfig.kivi(bits=4, group=8, residual=16),
     "kivi8": KVQuantConfig.kivi(bits=8, group=4, residual=0),
-    "nf4": KVQuantConfig.nf4(group=16),
+    "nf4": KVQuantConfig.nf4(group=16, residual=0),
 }
 
 

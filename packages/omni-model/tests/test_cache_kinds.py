@@ -35,7 +35,7 @@ def decode(model, spec: CacheSpec | None, x: torch.Tensor, prefill: int) -> torc
 @pytest.mark.parametrize(
     ("text", "tol"),
     [("int8", 0.05), ("kivi:group=16,residual=16", 0.25), ("kivi:bits=8,group=16,residual=0", 0.05),
-     ("nf4:group=32", 0.6), ("dense:dtype=float16", 0.02)],
+     ("nf4:group=32,residual=16", 0.6), ("dense:dtype=float16", 0.02)],
 )  # fmt: skip
 def test_quantized_caches_stay_close_to_dense(llama, text, tol):
     x = tokens(100)
@@ -119,3 +119,40 @@ def test_planner_and_parsing():
             CacheSpec.parse(bad)
     with pytest.raises(KVCacheError, match="smaller than one token"):
         dense.max_context(1000, *dims)
+
+
+def test_paged_cache_equals_dense_under_a_small_budget(llama, tmp_path):
+    x = tokens(300, seed=3)
+    spec = CacheSpec.parse(f"paged:budget_bytes=16KiB,page_tokens=8,spill_dir={tmp_path}")
+    cache = llama.make_cache(spec=spec)
+    assert cache.n_slots < 300 * 2 // 8  # far fewer resident pages than the sequence needs
+    assert torch.equal(decode(llama, spec, x, 40), decode(llama, None, x, 40))
+
+
+def test_calibration_round_trip_and_checks(llama, tmp_path):
+    from omni_kv.calibration import KVCalibration, calibrate
+
+    cal = calibrate(llama, tokens(200)[0], "tiny", context=64, chunk=16)
+    assert cal.key_absmax.shape == (2, 1, 32) and bool((cal.key_absmax > 0).all())
+    path = cal.save(tmp_path / "cal.json")
+    again = KVCalibration.load(path)
+    assert torch.equal(again.key_absmax, cal.key_absmax) and again.tokens == 200
+    x = tokens(80, seed=4)
+    dense = decode(llama, None, x, 30)
+    got = decode(llama, CacheSpec.parse(f"nf4:group=32,residual=0,calibration={path}"), x, 30)
+    assert (got - dense).abs().max() <= 0.6 * dense.abs().max()
+    other = KVCalibration("other", 3, 1, 32, 10, torch.ones(3, 1, 32), torch.ones(3, 1, 32)).save(
+        tmp_path / "o.json"
+    )
+    with pytest.raises(KVCacheError, match=r"has \(layers, kv heads, head dim\) = \(3, 1, 32\)"):
+        llama.make_cache(spec=CacheSpec.parse(f"int8:calibration={other}"))
+    bad = tmp_path / "bad.json"
+    for text, what in [("{", "not a readable"), ('{"format": "x"}', "not a KV calibration"),
+                       (path.read_text().replace('"tokens": 200', '"tokens": -1'), "tokens must be"),
+                       (path.read_text().replace("[[[", "[[[-5, ", 1), "key_absmax is not a numeric array"),
+                       (path.read_text().replace('"n_layers": 2', '"n_layers": 3'), "expected \\(3, 1, 32\\)")]:  # fmt: skip
+        bad.write_text(text)
+        with pytest.raises(KVCacheError, match=what):
+            KVCalibration.load(bad)
+    with pytest.raises(KVCacheError, match="applies to int8 and nf4"):
+        CacheSpec.parse(f"kivi:calibration={path}")

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import re
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from omni_model.errors import DataError
 from omni_model.zoo import DEFAULT_MODEL
-from press_play.common import out, reporting_errors
+from press_play.common import err, out, read_text, reporting_errors
 from press_play.generate_cmd import Model
 
 kv_app = typer.Typer(help="Plan and inspect KV caches.", no_args_is_help=True, rich_markup_mode="rich")
 
-KINDS = ("dense", "dense:dtype=float16", "int8", "kivi", "kivi:bits=8", "nf4", "sink", "window")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_bytes(text: str, what: str = "--budget") -> int:
-    """'2GB', '512MiB', '1e6': a byte count; a one-line error otherwise."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = m.group(2).upper() if m else ""
-    if not m or unit not in _UNITS:
-        raise DataError(f"{what} {text!r}: not a size (examples: 2GB, 512MiB, 64MB)")
-    n = int(float(m.group(1)) * _UNITS[unit])
-    if n <= 0:
-        raise DataError(f"{what} {text!r}: must be positive")
-    return n
+KINDS = ("dense", "dense:dtype=float16", "int8", "kivi", "kivi:bits=8", "nf4", "sink", "window", "paged")
 
 
 def plan(
@@ -51,8 +38,9 @@ def plan(
     with reporting_errors():
         import omni_model
         from omni_kv import CacheSpec
+        from omni_kv.spec import parse_size
 
-        n = parse_bytes(budget)
+        n = parse_size(budget, "--budget")
         specs = [(k, CacheSpec.parse(k)) for k in (kind or KINDS)]
         cfg = omni_model.load(model).config
         if cfg.mla is not None:
@@ -77,4 +65,34 @@ def plan(
     out.print(table)
 
 
+def calibrate(
+    model: Model = DEFAULT_MODEL,
+    text: Annotated[
+        str, typer.Option("--text", "-t", help="A text file, or a Shakespeare play by name.")
+    ] = "hamlet",
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="The JSON sidecar to write.")] = Path(
+        "kv-calibration.json"
+    ),
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=2, help="Tokens of the text to run.")] = 8192,
+    context: Annotated[int, typer.Option("--context", min=2, help="Window the text runs in.")] = 2048,
+) -> None:
+    """Measure per-channel key/value magnitudes on a text; int8 and nf4 caches read the sidecar
+    (--kv int8:calibration=FILE)."""
+    with reporting_errors():
+        import omni_model
+        from omni_kv.calibration import calibrate as run_calibration
+
+        lm = omni_model.load(model)
+        ids = lm.tokenizer.encode(read_text(text))[:max_tokens]
+        with err.status(f"calibrating on {len(ids):,} tokens"):
+            cal = run_calibration(lm.model, ids, str(model), context=min(context, lm.config.max_seq_len))
+        cal.save(out_path)
+    k = cal.key_absmax
+    ratio = float((k.amax(dim=-1) / k.mean(dim=-1)).median())
+    out.print(f"wrote {escape(str(out_path))}: {cal.n_layers} layers x {cal.n_kv_heads} kv heads x {cal.head_dim} "
+              f"channels from {cal.tokens:,} tokens; largest key channel / mean channel (median over heads): "
+              f"{ratio:.1f}x", soft_wrap=True)  # fmt: skip
+
+
 kv_app.command()(plan)
+kv_app.command()(calibrate)

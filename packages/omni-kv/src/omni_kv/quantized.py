@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from omni_kv.calibration import KVCalibration
 from omni_kv.protocol import CacheFullError, KVCacheError, SequenceCache
 
 Format = Literal["int8", "int4", "nf4"]
@@ -102,7 +103,7 @@ class KVQuantConfig:
         return cls(StreamSpec(fmt, "channel", group, residual), StreamSpec(fmt, "token", group, residual))
 
     @classmethod
-    def nf4(cls, group: int = 64, residual: int = 0) -> KVQuantConfig:
+    def nf4(cls, group: int = 64, residual: int = 128) -> KVQuantConfig:
         s = StreamSpec("nf4", "token", group, residual)
         return cls(s, s)
 
@@ -163,8 +164,13 @@ def dequantize(codes: Tensor, scale: Tensor, offset: Tensor | None, spec: Stream
 class _Stream:
     """One layer's keys or values: coded tokens [0, n_coded), full-precision tokens [n_coded, n)."""
 
-    def __init__(self, spec: StreamSpec, batch: int, heads: int, dim: int, device) -> None:
+    def __init__(self, spec: StreamSpec, batch: int, heads: int, dim: int, device,
+                 channel_scale: Tensor | None = None) -> None:  # fmt: skip
         self.spec, self.dim = spec, dim
+        # Calibrated divisors (heads, dim) applied before coding and undone after decoding.
+        self.channel_scale = (
+            None if channel_scale is None else channel_scale.float().to(device)[None, :, None, :]
+        )
         self.shape = (batch, heads)
         self.device = device
         code_dim = dim if spec.bits == 8 else dim // 2
@@ -206,6 +212,8 @@ class _Stream:
         r0, r1 = self._scale_rows(start), self._scale_rows(stop)
         offset = None if self.offset is None else self.offset[:, :, r0:r1]
         x = dequantize(self.codes[:, :, start:stop], self.scale[:, :, r0:r1], offset, self.spec, self.dim)
+        if self.channel_scale is not None:
+            x = x * self.channel_scale
         return x[:, :, : end - start]
 
     def _append_tail(self, x: Tensor) -> None:
@@ -219,7 +227,10 @@ class _Stream:
 
     def _code(self, n: int) -> None:
         """Move the oldest n tail tokens into the coded part."""
-        codes, scale, offset = quantize(self.tail[:, :, :n], self.spec)
+        x = self.tail[:, :, :n]
+        codes, scale, offset = quantize(
+            x if self.channel_scale is None else x / self.channel_scale, self.spec
+        )
         rows = self._scale_rows(self.n_coded)
         self.codes = _put(self.codes, self.n_coded, codes)
         self.scale = _put(self.scale, rows, scale)
@@ -277,7 +288,10 @@ class QuantizedKVCache(SequenceCache):
         max_len: int | None = None,
         device: torch.device | str = "cpu",
         v_head_dim: int | None = None,
+        calibration: KVCalibration | None = None,
     ) -> None:
+        """`calibration`: per-channel key statistics (omni_kv.calibration); keys coded per token are
+        divided by its scales before coding. Per-channel (KIVI) keys do not need it."""
         if min(n_layers, n_kv_heads, head_dim, batch_size) <= 0:
             raise KVCacheError(
                 f"cache dimensions must be positive, got n_layers={n_layers}, n_kv_heads={n_kv_heads}, "
@@ -289,7 +303,14 @@ class QuantizedKVCache(SequenceCache):
         config.keys.check_dim(head_dim)
         config.values.check_dim(v_dim)
         self.config, self.n_layers, self.max_len = config, n_layers, max_len
-        self._k = [_Stream(config.keys, batch_size, n_kv_heads, head_dim, device) for _ in range(n_layers)]
+        scales: list[Tensor | None] = [None] * n_layers
+        if calibration is not None:
+            calibration.check_model(n_layers, n_kv_heads, head_dim, "this cache")
+            if config.keys.axis == "token":
+                scales = [calibration.key_scales(i) for i in range(n_layers)]
+        self._k = [
+            _Stream(config.keys, batch_size, n_kv_heads, head_dim, device, scales[i]) for i in range(n_layers)
+        ]
         self._v = [_Stream(config.values, batch_size, n_kv_heads, v_dim, device) for _ in range(n_layers)]
         self._len = 0
 

@@ -13,14 +13,25 @@ The planner answers the two questions of a memory budget: how many bytes a conte
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from omni_kv.protocol import KVCacheError
 from omni_kv.quantized import KVQuantConfig, bytes_per_token
 
-Kind = Literal["dense", "int8", "kivi", "nf4", "sink", "window"]
-KINDS = ("dense", "int8", "kivi", "nf4", "sink", "window")
+Kind = Literal["dense", "int8", "kivi", "nf4", "sink", "window", "paged"]
+KINDS = ("dense", "int8", "kivi", "nf4", "sink", "window", "paged")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str, what: str) -> int:
+    """'16MiB', '2GB', '4096': bytes; a one-line error otherwise."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+        raise KVCacheError(f"{what} {text!r}: not a positive size (examples: 16MiB, 2GB, 4096)")
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 @dataclass(frozen=True)
@@ -29,9 +40,13 @@ class CacheSpec:
     dtype: Literal["float32", "float16"] = "float32"  # dense, sink and window caches
     bits: int = 4  # kivi
     group: int | None = None  # kivi: 32, nf4: 64
-    residual: int | None = None  # kivi: 128, int8 and nf4: 0
+    residual: int | None = None  # kivi and nf4: 128, int8: 0
     sinks: int = 4  # sink
     window: int = 1024  # sink and window
+    calibration: str | None = None  # int8 and nf4: a KV calibration sidecar (press-play kv calibrate)
+    budget_bytes: int = 64 * 2**20  # paged: resident pages
+    page_tokens: int = 64  # paged
+    spill_dir: str | None = None  # paged: where the spill file goes (None: a temporary directory)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -40,12 +55,27 @@ class CacheSpec:
             raise KVCacheError(f"KV cache dtype must be float32 or float16, got {self.dtype!r}")
         if self.kind == "kivi" and self.bits not in (4, 8):
             raise KVCacheError(f"KIVI bits must be 4 or 8, got {self.bits}")
+        if self.kind == "paged" and (self.page_tokens < 1 or self.budget_bytes < 1):
+            raise KVCacheError(f"paged cache: page_tokens and budget_bytes must be positive, got "
+                               f"{self.page_tokens} and {self.budget_bytes}")  # fmt: skip
         if self.window < 1 or self.sinks < 0:
             raise KVCacheError(
                 f"window must be >= 1 and sinks >= 0, got window={self.window}, sinks={self.sinks}"
             )
         if self.kind in ("int8", "kivi", "nf4"):
             self.quant_config()  # validates group and residual
+        if self.calibration is not None and self.kind not in ("int8", "nf4"):
+            raise KVCacheError(
+                f"a KV calibration applies to int8 and nf4 caches (keys coded per token), not {self.kind}"
+            )
+
+    def load_calibration(self):
+        """The sidecar this spec names, read and checked, or None."""
+        if self.calibration is None:
+            return None
+        from omni_kv.calibration import KVCalibration
+
+        return KVCalibration.load(self.calibration)
 
     @classmethod
     def parse(cls, text: str) -> CacheSpec:
@@ -58,8 +88,10 @@ class CacheSpec:
             if not eq or key not in fields or key == "kind":
                 raise KVCacheError(f"KV cache setting {item!r} in {text!r}: expected key=value with key one of "
                                    f"{', '.join(k for k in fields if k != 'kind')}")  # fmt: skip
-            if key == "dtype":
+            if key in ("dtype", "calibration", "spill_dir"):
                 values[key] = value
+            elif key == "budget_bytes":
+                values[key] = parse_size(value, f"KV cache setting {key} in {text!r}:")
             else:
                 try:
                     values[key] = int(value)
@@ -79,13 +111,15 @@ class CacheSpec:
                 128 if self.residual is None else self.residual,
             )
         if self.kind == "nf4":
-            return KVQuantConfig.nf4(64 if self.group is None else self.group, self.residual or 0)
+            return KVQuantConfig.nf4(
+                64 if self.group is None else self.group, 128 if self.residual is None else self.residual
+            )
         raise KVCacheError(f"a {self.kind} cache is not quantized")
 
     @property
     def bounded(self) -> bool:
-        """The cache stops growing (sink and window kinds)."""
-        return self.kind in ("sink", "window")
+        """Its memory stops growing: sink and window caches drop tokens, a paged one spills them."""
+        return self.kind in ("sink", "window", "paged")
 
     def bytes_per_token(
         self, n_layers: int, n_kv_heads: int, head_dim: int, v_head_dim: int | None = None
@@ -101,6 +135,8 @@ class CacheSpec:
         """Bytes the cache holds at `context` tokens: quantized tokens coded, the residual in float32,
         sink and window caches capped at what they keep."""
         per = self.bytes_per_token(n_layers, n_kv_heads, head_dim, v_head_dim)
+        if self.kind == "paged":  # resident bytes; the rest is on disk
+            return int(min(per * context, self.budget_bytes))
         if self.bounded:
             return int(per * min(context, self.window + (self.sinks if self.kind == "sink" else 0)))
         if self.kind in ("int8", "kivi", "nf4"):

@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from omni_kv import DenseKVCache, KVCache, KVCacheError, LatentKVCache, QuantizedKVCache, SinkWindowKVCache
+from omni_kv import (
+    DenseKVCache,
+    KVCache,
+    KVCacheError,
+    LatentKVCache,
+    PagedKVCache,
+    QuantizedKVCache,
+    SinkWindowKVCache,
+)
 from omni_kv.quantized import QuantizedLatentKVCache
 from omni_kv.spec import CacheSpec
 from omni_model.block import Block
@@ -72,9 +80,13 @@ class Decoder(nn.Module):
         if spec.kind == "dense":
             return DenseKVCache(*dims, batch_size=batch_size, max_len=max_len, dtype=dtype, device=device)
         if spec.kind in ("int8", "kivi", "nf4"):
-            return QuantizedKVCache(
-                *dims, spec.quant_config(), batch_size=batch_size, max_len=max_len, device=device
-            )
+            return QuantizedKVCache(*dims, spec.quant_config(), batch_size=batch_size, max_len=max_len, device=device,
+                                    calibration=spec.load_calibration())  # fmt: skip
+        if spec.kind == "paged":
+            if str(device) != "cpu":
+                raise KVCacheError("the paged cache lives in CPU memory; this model is on " + str(device))
+            return PagedKVCache(*dims, batch_size=batch_size, dtype=dtype, budget_bytes=spec.budget_bytes,
+                                page_tokens=spec.page_tokens, spill_dir=spec.spill_dir)  # fmt: skip
         if any(w is not None for w in self._windows):
             raise KVCacheError(f"a {spec.kind} cache cannot serve a model with sliding-window layers")
         if spec.dtype == "float16":
