@@ -97,8 +97,27 @@ def test_latent_attention_takes_quantized_caches(tmp_path):
         got = decode(model, CacheSpec.parse("int8"), x, 32)
         assert (got - dense).abs().max() <= 0.05 * dense.abs().max(), mode
     with pytest.raises(KVCacheError, match="not available for latent attention"):
-        model.make_cache(spec=CacheSpec("sink"))
+        model.make_cache(spec=CacheSpec("paged"))
     assert DEEPSEEK["kv_lora_rank"] == 32
+
+
+def test_latent_attention_takes_a_sink_window_cache(tmp_path):
+    """Until tokens leave it equals dense; after, one layer's step equals a fresh forward over the kept
+    tokens placed contiguously (as for grouped-query attention above)."""
+    save_tiny("deepseek_v3", tmp_path, num_hidden_layers=1, first_k_dense_replace=1)
+    model = omni_model.load(tmp_path, fuse=False).model
+    x = tokens(36, seed=5)
+    for mode in ("naive", "absorbed"):
+        model.set_attention_mode(mode)
+        assert torch.allclose(decode(model, CacheSpec("sink", sinks=2, window=40), x, 8), decode(model, None, x, 8),
+                              atol=1e-5)  # fmt: skip
+        cache = model.make_cache(spec=CacheSpec("sink", sinks=2, window=10))
+        with torch.no_grad():
+            model(x[:, :8], cache=cache)
+            for i in range(8, 36):
+                got = model(x[:, i : i + 1], cache=cache)[0, -1]
+                kept = torch.cat([x[:, :2], x[:, max(2, i - 10) : i + 1]], dim=1)
+                assert torch.allclose(got, model(kept)[0, -1], atol=1e-4), (mode, i)
 
 
 def test_planner_and_parsing():

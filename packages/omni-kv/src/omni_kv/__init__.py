@@ -16,7 +16,7 @@ from omni_kv.paged import PagedKVCache, PagedStats
 from omni_kv.protocol import CacheFullError, KVCache, KVCacheError
 from omni_kv.quantized import KVQuantConfig, QuantizedKVCache, QuantizedLatentKVCache, StreamSpec
 from omni_kv.spec import CacheSpec
-from omni_kv.window import SinkWindowKVCache
+from omni_kv.window import SinkWindowKVCache, SinkWindowLatentKVCache
 
 __all__ = ["CacheFullError", "CacheSpec", "DenseKVCache", "KVCache", "KVCacheError", "KVQuantConfig",
-           "LatentKVCache", "PagedKVCache", "PagedStats", "QuantizedKVCache", "QuantizedLatentKVCache", "SinkWindowKVCache", "StreamSpec"]  # fmt: skip
+           "LatentKVCache", "PagedKVCache", "PagedStats", "QuantizedKVCache", "QuantizedLatentKVCache", "SinkWindowKVCache", "SinkWindowLatentKVCache", "StreamSpec"]  # fmt: skip

@@ -360,8 +360,8 @@ def bytes_per_token(config: KVQuantConfig, n_layers: int, n_kv_heads: int, head_
 
 
 class QuantizedLatentKVCache(QuantizedKVCache):
-    """Latent attention's cache (see LatentKVCache) over quantized streams: the latent coded as keys
-    are, the shared rotary key as values are."""
+    """Latent attention's cache (see LatentKVCache) over quantized streams: `update(layer, latent,
+    k_rope)` with the latent coded as keys are, the shared rotary key as values are."""
 
     def __init__(
         self, n_layers: int, kv_lora_rank: int, rope_dim: int, config: KVQuantConfig, *, batch_size: int = 1,
@@ -369,15 +369,3 @@ class QuantizedLatentKVCache(QuantizedKVCache):
     ) -> None:  # fmt: skip
         super().__init__(n_layers, 1, kv_lora_rank, config, batch_size=batch_size, max_len=max_len, device=device,
                          v_head_dim=rope_dim)  # fmt: skip
-        self._last: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
-
-    def update(self, layer: int, latent: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
-        self._last[layer] = out = super().update(layer, latent, k_rope)
-        return out
-
-    def joint(self, layer: int, length: int | None = None) -> Tensor:
-        """(B, S, rank + rope_dim) of the last update of `layer`."""
-        last = self._last[layer]
-        if last is None:
-            raise KVCacheError(f"layer {layer}: joint() before any update")
-        return torch.cat(last, dim=-1)[:, 0, :length]

@@ -170,3 +170,15 @@ class SinkWindowKVCache(SequenceCache):
         super().reset()
         self._head = 0
         self._undo.clear()
+
+
+class SinkWindowLatentKVCache(SinkWindowKVCache):
+    """Latent attention's cache (see LatentKVCache) as sinks + window: `update(layer, latent, k_rope)`.
+    Only the shared rotary key carries a position, so only it is re-rotated."""
+
+    def __init__(self, n_layers: int, kv_lora_rank: int, rope_dim: int, **kwargs) -> None:
+        super().__init__(n_layers, 1, rope_dim, v_head_dim=kv_lora_rank, **kwargs)
+
+    def update(self, layer: int, latent: Tensor, k_rope: Tensor) -> tuple[Tensor, Tensor]:
+        k_rope, latent = super().update(layer, k_rope, latent)
+        return latent, k_rope

@@ -22,6 +22,7 @@ from omni_kv import (
 )
 from omni_kv.quantized import QuantizedLatentKVCache
 from omni_kv.spec import CacheSpec
+from omni_kv.window import SinkWindowLatentKVCache
 from omni_model.block import Block
 from omni_model.config import ModelConfig
 from omni_model.layers import Embedding, Linear, RMSNorm
@@ -75,6 +76,11 @@ class Decoder(nn.Module):
             if spec.kind in ("int8", "kivi", "nf4"):
                 return QuantizedLatentKVCache(cfg.n_layers, rank, rope, spec.quant_config(), batch_size=batch_size,
                                               max_len=max_len, device=device)  # fmt: skip
+            if spec.kind in ("sink", "window"):
+                return SinkWindowLatentKVCache(
+                    cfg.n_layers, rank, rope, sinks=spec.sinks if spec.kind == "sink" else 0, window=spec.window,
+                    rotate=self.rope.shift, batch_size=batch_size, dtype=dtype, device=device,
+                )  # fmt: skip
             raise KVCacheError(f"a {spec.kind} cache is not available for latent attention (MLA) yet")
         dims = (cfg.n_layers, cfg.n_kv_heads, cfg.head_size)
         if spec.kind == "dense":
