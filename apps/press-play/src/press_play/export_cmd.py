@@ -38,6 +38,12 @@ def export(
     max_seq_len: Annotated[
         int, typer.Option("--max-seq-len", min=1, help="Longest context the graph serves.")
     ] = 4096,
+    kv: Annotated[
+        str,
+        typer.Option(
+            "--kv", help="The KV cache the graph takes and returns: float32, or int8 (codes + scales)."
+        ),
+    ] = "float32",
 ) -> None:
     """Export a model to an ONNX folder (graph, weights, tokenizer, manifest with parity figures)."""
     with reporting_errors():
@@ -46,7 +52,7 @@ def export(
         from omni_export.export import ExportConfig, export_onnx
 
         config = ExportConfig(weights=weights, block_size=block_size, symmetric=symmetric,  # type: ignore[arg-type]
-                              accuracy_level=accuracy_level, max_seq_len=max_seq_len)  # fmt: skip
+                              accuracy_level=accuracy_level, max_seq_len=max_seq_len, kv=kv)  # fmt: skip
         columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("export", total=5)

@@ -27,7 +27,14 @@ import torch
 
 import omni_model
 from omni_export.errors import ExportError, UnsupportedExportError
-from omni_export.onnx_decoder import GraphOptions, WeightFormat, build_decoder_graph, check_supported
+from omni_export.onnx_decoder import (
+    KV_SCHEME_INT8,
+    GraphOptions,
+    KVFormat,
+    WeightFormat,
+    build_decoder_graph,
+    check_supported,
+)
 from omni_export.session import OnnxDecoder
 from omni_export.weights import QuantLinear, float_weights, quantized_weights
 from omni_model.loader import resolve_source
@@ -46,11 +53,12 @@ class ExportConfig:
     symmetric: bool = False
     accuracy_level: int = 4  # MatMulNBits compute: 1 float32, 4 int8 activations (faster)
     max_seq_len: int = 4096  # context the graph serves (capped by the model's)
+    kv: KVFormat = "float32"  # the cache at the graph's inputs/outputs: float32, or int8 codes + scales
     parity_prompt_tokens: int = 64
     parity_decode_tokens: int = 32
 
     def __post_init__(self) -> None:
-        GraphOptions(self.weights, self.accuracy_level, self.max_seq_len)  # validates those three
+        GraphOptions(self.weights, self.accuracy_level, self.max_seq_len, self.kv)  # validates those four
         if self.block_size not in (16, 32, 64, 128, 256):
             raise UnsupportedExportError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
         if self.parity_prompt_tokens < 1 or self.parity_decode_tokens < 0:
@@ -68,7 +76,7 @@ def export_onnx(
     report("loading the model", 0, 5)
     lm = omni_model.load(source, fuse=False)
     cfg = lm.config
-    check_supported(cfg)
+    check_supported(cfg, GraphOptions(config.weights, config.accuracy_level, config.max_seq_len, config.kv))
     max_seq = min(config.max_seq_len, cfg.max_seq_len)
     report(f"preparing {config.weights} weights", 1, 5)
     state = lm.model.state_dict()
@@ -87,7 +95,7 @@ def export_onnx(
         weights = quantized_weights(state, cfg, resolve_source(source), bits, config.block_size,
                                     config.symmetric, count)  # fmt: skip
     report("building the graph", 2, 5)
-    opts = GraphOptions(config.weights, config.accuracy_level, max_seq)
+    opts = GraphOptions(config.weights, config.accuracy_level, max_seq, config.kv)
     graph = build_decoder_graph(cfg, weights, opts)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -112,8 +120,7 @@ def export_onnx(
             "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "logits_to_keep": "logits_to_keep",
                        "past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value"},
             "outputs": {"logits": "logits", "present_key": "present.{i}.key", "present_value": "present.{i}.value"},
-            "kv": {"n_layers": cfg.n_layers, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_size,
-                   "dtype": "float32", "bytes_per_token": cfg.kv_bytes_per_token(4)},
+            "kv": _kv_manifest(cfg, config.kv),
             "weight_bytes": weight_bytes, "file_bytes": (tmp / DATA).stat().st_size + (tmp / GRAPH).stat().st_size,
             "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(lm.tokenizer.eos_token_ids),
                           "bos_token_id": lm.tokenizer.bos_token_id},
@@ -144,9 +151,14 @@ def measure_parity(lm, graph: Path, cfg, config: ExportConfig, text: str | None)
     ids = lm.tokenizer.encode(text[: 40 * n_prompt])[:n_prompt]
     if len(ids) < n_prompt:
         raise ExportError(f"the parity text has {len(ids)} tokens, fewer than the {n_prompt} asked for")
-    session = OnnxDecoder(graph, cfg, threads=torch.get_num_threads())
+    session = OnnxDecoder(graph, cfg, threads=torch.get_num_threads(), kv=config.kv)
     onnx_logits = session.step(np.array([ids]))[0, -1]
-    cache = lm.model.make_cache(max_len=n_prompt + n_decode + 1)
+    if config.kv == "int8":  # the graph codes its cache as omni_kv's int8 cache does: compare with that
+        from omni_kv import CacheSpec
+
+        cache = lm.model.make_cache(spec=CacheSpec("int8"))
+    else:
+        cache = lm.model.make_cache(max_len=n_prompt + n_decode + 1)
     torch_logits = lm.model(torch.tensor([ids]), cache=cache)[0].numpy()
     prefill_err = float(np.abs(session.last_all - torch_logits).max())
     decode_err, agree, ours, theirs = 0.0, 1, int(onnx_logits.argmax()), int(torch_logits[-1].argmax())
@@ -161,7 +173,23 @@ def measure_parity(lm, graph: Path, cfg, config: ExportConfig, text: str | None)
         agree += int(ours == theirs)
     return {"prompt_tokens": n_prompt, "decode_steps": n_decode, "max_abs_logits_diff_prefill": prefill_err,
             "max_abs_logits_diff_decode": decode_err, "greedy_tokens_agreeing": agree,
-            "greedy_tokens_compared": n_decode + 1, "reference": "omni_model PyTorch decoder, float32"}  # fmt: skip
+            "greedy_tokens_compared": n_decode + 1,
+            "reference": "omni_model PyTorch decoder, float32" + (", omni_kv int8 cache" if config.kv == "int8" else "")}  # fmt: skip
+
+
+def _kv_manifest(cfg, kv: str) -> dict[str, Any]:
+    out = {"n_layers": cfg.n_layers, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_size, "dtype": kv}
+    if kv == "int8":
+        from omni_kv import CacheSpec
+
+        out |= {"scheme": KV_SCHEME_INT8, "bytes_per_token": int(CacheSpec("int8").bytes_per_token(
+                    cfg.n_layers, cfg.n_kv_heads, cfg.head_size)),
+                "inputs": "past_key_values.{i}.{key|value}[_scale|_offset]: the whole buffers (batch, kv_heads, "
+                          "capacity, head_dim|1); the graph reads the first total_sequence - sequence positions",
+                "outputs": "present.{i}.{key|value}[_scale|_offset]: the new tokens only; the runtime appends them"}  # fmt: skip
+    else:
+        out["bytes_per_token"] = cfg.kv_bytes_per_token(4)
+    return out
 
 
 def _nbytes(w: Any) -> int:

@@ -30,6 +30,8 @@ from omni_export.weights import Weight, concat_rows
 from omni_model.config import ModelConfig
 
 WeightFormat = Literal["float32", "float16", "int8", "int4"]
+KVFormat = Literal["float32", "int8"]
+KV_SCHEME_INT8 = "per token and kv head: uint8 codes, float16 scale and offset (omni_kv int8)"
 INT64_MAX = 2**63 - 1
 
 
@@ -38,8 +40,11 @@ class GraphOptions:
     weights: WeightFormat = "float32"
     accuracy_level: int = 4  # MatMulNBits: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
     max_seq_len: int = 2048  # rows of the rotary tables: the longest sequence the graph serves
+    kv: KVFormat = "float32"  # the cache's format at the graph's inputs and outputs
 
     def __post_init__(self) -> None:
+        if self.kv not in ("float32", "int8"):
+            raise UnsupportedExportError(f"the KV cache format must be float32 or int8, got {self.kv!r}")
         if self.weights not in ("float32", "float16", "int8", "int4"):
             raise UnsupportedExportError(
                 f"weights must be float32, float16, int8 or int4, got {self.weights!r}"
@@ -50,8 +55,14 @@ class GraphOptions:
             raise UnsupportedExportError(f"max_seq_len must be positive, got {self.max_seq_len}")
 
 
-def check_supported(cfg: ModelConfig) -> None:
+def check_supported(cfg: ModelConfig, opts: GraphOptions | None = None) -> None:
     """Raise UnsupportedExportError naming what this exporter cannot express yet."""
+    if (
+        opts is not None
+        and opts.kv == "int8"
+        and any(cfg.window_of(i) is not None for i in range(cfg.n_layers))
+    ):
+        raise UnsupportedExportError("an int8 KV cache is not supported with sliding-window attention yet")
     if cfg.mla is not None:
         raise UnsupportedExportError("latent attention (MLA) models are not supported by the ONNX export yet")
     if cfg.moe is not None:
@@ -139,8 +150,11 @@ class _Builder:
         mask = g.input("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])
         keep = g.input("logits_to_keep", TensorProto.INT64, [])
         g.output("logits", TensorProto.FLOAT, ["batch", "kept_sequence", cfg.vocab_size])
-        past = []
+        past: list = []
         for i in range(cfg.n_layers):
+            if self.opts.kv == "int8":
+                past.append(self.int8_past(i))
+                continue
             shape = ["batch", hkv, "past_sequence", dh]
             past.append((g.input(f"past_key_values.{i}.key", TensorProto.FLOAT, shape),
                          g.input(f"past_key_values.{i}.value", TensorProto.FLOAT, shape)))  # fmt: skip
@@ -153,13 +167,18 @@ class _Builder:
                      to=TensorProto.INT32)  # fmt: skip
         cos, sin = rope_tables(cfg, self.opts.max_seq_len)
         cos_name, sin_name = g.const("rope.cos", cos), g.const("rope.sin", sin)
+        if self.opts.kv == "int8":
+            self.lengths(ids, mask)
 
         x = self.embed(ids)  # (B, S, D) residual stream
         h = g.op("SimplifiedLayerNormalization", [x, self.vector("layers.0.input_layernorm.weight")],
                  axis=-1, epsilon=cfg.norm_eps)  # fmt: skip
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
-            attn = self.attention(i, h, past[i], seqlens_k, total, cos_name, sin_name)
+            if self.opts.kv == "int8":
+                attn = self.attention_int8(i, h, past[i], cos_name, sin_name)
+            else:
+                attn = self.attention(i, h, past[i], seqlens_k, total, cos_name, sin_name)
             h, x = self.skip_norm(attn, x, p + "post_attention_layernorm.weight")
             mlp = self.mlp(p, h)
             nxt = f"layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.n_layers else "norm.weight"
@@ -243,6 +262,120 @@ class _Builder:
         g.output(f"present.{i}.value", TensorProto.FLOAT, shape)
         return self.linear(out[0], w[p + "o_proj.weight"], p + "o_proj")
 
+    # ---- int8 KV cache: attention built from plain operators around the quantized cache
+
+    def c(self, name: str, value, dtype=np.int64) -> str:
+        """A small constant, one initializer per name."""
+        cache = self.__dict__.setdefault("_consts", {})
+        if name not in cache:
+            cache[name] = self.g.const(name, np.array(value, dtype))
+        return cache[name]
+
+    def int8_past(self, i: int) -> dict[str, str]:
+        """Inputs of layer i's cache: codes (batch, kv_heads, capacity, head_dim) uint8 and per-token
+        scale and offset (batch, kv_heads, capacity, 1) float16. Only the first past_sequence positions
+        (total_sequence - sequence, from the input shapes) are read, so a runtime can bind buffers of
+        its whole capacity. Outputs: the new tokens' codes, scales and offsets, for the runtime to append."""
+        g, hkv, dh = self.g, self.cfg.n_kv_heads, self.cfg.head_size
+        names = {}
+        for kv in ("key", "value"):
+            base = f"past_key_values.{i}.{kv}"
+            names[kv] = g.input(base, TensorProto.UINT8, ["batch", hkv, "capacity", dh])
+            for part in ("scale", "offset"):
+                names[f"{kv}_{part}"] = g.input(
+                    f"{base}_{part}", TensorProto.FLOAT16, ["batch", hkv, "capacity", 1]
+                )
+            g.output(f"present.{i}.{kv}", TensorProto.UINT8, ["batch", hkv, "sequence", dh])
+            for part in ("scale", "offset"):
+                g.output(f"present.{i}.{kv}_{part}", TensorProto.FLOAT16, ["batch", hkv, "sequence", 1])
+        return names
+
+    def lengths(self, ids: str, mask: str) -> None:
+        """Past length P, positions P.. of the new tokens (batch, T) and the causal mask (T, P + T).
+        (Initializers made from numpy scalars come out 1-D here, hence the Squeezes for Range.)"""
+        g = self.g
+        t = g.op("Gather", [g.op("Shape", [ids]), self.c("idx1", [1])])  # (1,)
+        total = g.op("Gather", [g.op("Shape", [mask]), self.c("idx1", [1])])
+        self.past_len_1d = g.op("Sub", [total, t])
+        start, stop, step = (g.op("Squeeze", [x]) for x in (self.past_len_1d, total, self.c("one", [1])))
+        pos = g.op("Range", [start, stop, step])  # (T,)
+        self.positions = g.op(
+            "Expand", [g.op("Unsqueeze", [pos, self.c("axes0", [0])]), g.op("Shape", [ids])]
+        )
+        keys = g.op("Range", [g.op("Squeeze", [self.c("zero1", [0])]), stop, step])  # (S,)
+        allowed = g.op("LessOrEqual", [g.op("Unsqueeze", [keys, self.c("axes0", [0])]),
+                                       g.op("Unsqueeze", [pos, self.c("axes1", [1])])])  # fmt: skip
+        self.mask_bias = g.op(
+            "Where", [allowed, self.c("f0", 0.0, np.float32), self.c("ninf", -np.inf, np.float32)]
+        )
+
+    def rotate(self, x: str, n_heads: int, cos: str, sin: str) -> str:
+        return self.g.op("RotaryEmbedding", [x, self.positions, cos, sin], domain=MS, interleaved=0,
+                         num_heads=n_heads)  # fmt: skip
+
+    def heads(self, x: str, n: int) -> str:
+        """(B, T, n * Dh) -> (B, n, T, Dh)."""
+        g = self.g
+        x = g.op("Reshape", [x, self.c(f"heads{n}", [0, 0, n, self.cfg.head_size])])
+        return g.op("Transpose", [x], perm=[0, 2, 1, 3])
+
+    def quantize_int8(self, x: str, out: str) -> str:
+        """Code x (B, Hkv, T, Dh) per token as omni_kv's int8 cache does; write the codes, scales and
+        offsets to the outputs `out`, `out`_scale, `out`_offset; return the decoded x."""
+        g = self.g
+        lo = g.op("ReduceMin", [x, self.c("axis_last", [-1])], keepdims=1)
+        hi = g.op("ReduceMax", [x, self.c("axis_last", [-1])], keepdims=1)
+        step = g.op("Max", [g.op("Div", [g.op("Sub", [hi, lo]), self.c("f255", 255.0, np.float32)]),
+                            self.c("f1e-8", 1e-8, np.float32)])  # fmt: skip
+        scale16 = g.op("Cast", [step], to=TensorProto.FLOAT16, outputs=[out + "_scale"])
+        offset16 = g.op("Cast", [lo], to=TensorProto.FLOAT16, outputs=[out + "_offset"])
+        scale = g.op("Cast", [scale16], to=TensorProto.FLOAT)
+        offset = g.op("Cast", [offset16], to=TensorProto.FLOAT)
+        q = g.op("Round", [g.op("Div", [g.op("Sub", [x, offset]), scale])])
+        q = g.op("Clip", [q, self.c("f0", 0.0, np.float32), self.c("f255", 255.0, np.float32)])
+        codes = g.op("Cast", [q], to=TensorProto.UINT8, outputs=[out])
+        return g.op("Add", [g.op("Mul", [g.op("Cast", [codes], to=TensorProto.FLOAT), scale]), offset])
+
+    def dequantize_past(self, codes: str, scale: str, offset: str) -> str:
+        g = self.g
+        first = [self.c("zero1", [0]), self.past_len_1d, self.c("axes2", [2])]
+        c, s, o = (g.op("Slice", [t, *first]) for t in (codes, scale, offset))
+        cast = TensorProto.FLOAT
+        return g.op("Add", [g.op("Mul", [g.op("Cast", [c], to=cast), g.op("Cast", [s], to=cast)]),
+                            g.op("Cast", [o], to=cast)])  # fmt: skip
+
+    def attention_int8(self, i: int, h: str, past: dict[str, str], cos: str, sin: str) -> str:
+        cfg, g, w = self.cfg, self.g, self.w
+        p = f"layers.{i}.self_attn."
+        nh, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_size
+        bias = None
+        if cfg.qkv_bias:
+            bias = np.concatenate([np.asarray(w[p + n + "_proj.bias"]) for n in "qkv"])
+        qkv = self.fused_linear(h, [w[p + n + "_proj.weight"] for n in "qkv"], p + "qkv_proj", bias)
+        sizes = self.c("qkv_sizes_int8", [nh * dh, hkv * dh, hkv * dh])
+        q, k, v = g.op("Split", [qkv, sizes], outputs=3, axis=-1)
+        if cfg.qk_norm:
+            q, k = self.head_norm(q, p + "q_norm.weight"), self.head_norm(k, p + "k_norm.weight")
+        q, k = self.heads(self.rotate(q, nh, cos, sin), nh), self.heads(self.rotate(k, hkv, cos, sin), hkv)
+        v = self.heads(v, hkv)
+        keys, values = [], []
+        for kv, new, acc in (("key", k, keys), ("value", v, values)):
+            old = self.dequantize_past(past[kv], past[f"{kv}_scale"], past[f"{kv}_offset"])
+            acc.append(g.op("Concat", [old, self.quantize_int8(new, f"present.{i}.{kv}")], axis=2))
+        # Grouped heads: the G query heads of a kv head attend together, (B, Hkv, G, T, Dh).
+        q5 = g.op("Reshape", [q, self.c("group_q", [0, hkv, nh // hkv, -1, dh])])
+        k5 = g.op("Unsqueeze", [keys[0], self.c("axes2", [2])])
+        v5 = g.op("Unsqueeze", [values[0], self.c("axes2", [2])])
+        scores = g.op("MatMul", [q5, g.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])])  # (B, Hkv, G, T, S)
+        scores = g.op("Add", [g.op("Mul", [scores, self.c("softmax_scale", cfg.softmax_scale, np.float32)]),
+                              self.mask_bias])  # fmt: skip
+        out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v5])  # (B, Hkv, G, T, Dh)
+        out = g.op(
+            "Transpose", [g.op("Reshape", [out, self.c("merge_groups", [0, nh, -1, dh])])], perm=[0, 2, 1, 3]
+        )
+        out = g.op("Reshape", [out, self.c("merge_heads", [0, 0, -1])])
+        return self.linear(out, w[p + "o_proj.weight"], p + "o_proj")
+
     def head_norm(self, x: str, gain: str) -> str:
         """RMSNorm over each head_dim slice of x (B, S, heads * head_dim)."""
         g, dh = self.g, self.cfg.head_size
@@ -266,5 +399,5 @@ def build_decoder_graph(
     cfg: ModelConfig, weights: Mapping[str, Weight], opts: GraphOptions
 ) -> onnx.ModelProto:
     """The decoder `cfg` with `weights` (plain module names -> float arrays or packed weights)."""
-    check_supported(cfg)
+    check_supported(cfg, opts)
     return _Builder(cfg, weights, opts).build()

@@ -4,7 +4,10 @@ The KV cache is one preallocated (1, kv_heads, max_seq_len, head_dim) buffer per
 and one for values. Each call binds a layer's buffer both as its `past` input and as its `present`
 output (I/O binding), so GroupQueryAttention writes the new tokens in place and decoding copies
 no cache: a step moves the new token's ids in and one row of logits out. The attention mask's
-width tells the graph how many cached tokens are valid; rolling back is moving that mark.
+width tells the graph how many cached tokens are valid; rolling back is moving that mark. An export
+with an int8 cache (manifest kv.dtype "int8") takes uint8 codes with float16 scales and offsets: the
+engine binds its buffers as the graph's past inputs and copies the new tokens' codes in after each
+call (a few hundred bytes per token and layer).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from omni_runtime.engine import EngineError
 
 MANIFEST = "manifest.json"
 FORMAT = "omnicoder-onnx"
+KV_PARTS = {"float32": ("key", "value"),
+            "int8": ("key", "key_scale", "key_offset", "value", "value_scale", "value_offset")}  # fmt: skip
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -90,13 +95,26 @@ class OrtEngine:
         kv = m["kv"]
         self.n_layers, self.vocab_size = kv["n_layers"], m["config"]["vocab_size"]
         self.max_seq_len = min(max_seq_len or m["max_seq_len"], m["max_seq_len"])
+        self.kv_dtype = kv.get("dtype", "float32")
+        if self.kv_dtype not in KV_PARTS:
+            raise EngineError(
+                f"{self.folder / MANIFEST}: kv.dtype must be float32 or int8, got {self.kv_dtype!r}"
+            )
         self._check_io()
-        shape = (1, kv["n_kv_heads"], self.max_seq_len, kv["head_dim"])
-        self._kv = [
-            (ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)),
-             ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)))
+        h, d = kv["n_kv_heads"], kv["head_dim"]
+        # float32: one buffer per layer for keys and one for values, bound as past and present (the graph
+        # writes in place). int8: codes and float16 scales/offsets per token; the graph reads the buffers
+        # and returns only the new tokens' codes, which are copied in after each call.
+        self._buffers = [
+            {part: np.zeros((1, h, self.max_seq_len, 1 if "_" in part else d),
+                            {"float32": np.float32, "int8": np.float16 if "_" in part else np.uint8}[self.kv_dtype])
+             for part in KV_PARTS[self.kv_dtype]}
             for _ in range(self.n_layers)
         ]  # fmt: skip
+        self._kv = [
+            {part: ort.OrtValue.ortvalue_from_numpy(a) for part, a in layer.items()}
+            for layer in self._buffers
+        ]
         self._len = 0
         self._mask = np.ones((1, self.max_seq_len), np.int64)
         self._keep = {True: np.array(1, np.int64), False: np.array(0, np.int64)}
@@ -112,20 +130,23 @@ class OrtEngine:
             b.bind_output("logits", "cpu")  # first, so that it is get_outputs()[0]
         else:
             b.bind_ortvalue_output("logits", logits)
-        for i, (k, v) in enumerate(self._kv):
-            b.bind_ortvalue_input(f"past_key_values.{i}.key", k)
-            b.bind_ortvalue_input(f"past_key_values.{i}.value", v)
-            b.bind_ortvalue_output(f"present.{i}.key", k)
-            b.bind_ortvalue_output(f"present.{i}.value", v)
+        for i, layer in enumerate(self._kv):
+            for part, value in layer.items():
+                b.bind_ortvalue_input(f"past_key_values.{i}.{part}", value)
+                if self.kv_dtype == "float32":
+                    b.bind_ortvalue_output(f"present.{i}.{part}", value)
+                else:
+                    b.bind_output(f"present.{i}.{part}", "cpu")  # the new tokens' codes, appended by _run
         return b
 
     def _check_io(self) -> None:
         inputs = {i.name for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
+        parts = KV_PARTS[self.kv_dtype]
         want_in = {"input_ids", "attention_mask", "logits_to_keep"} | {
-            f"past_key_values.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")
+            f"past_key_values.{i}.{kv}" for i in range(self.n_layers) for kv in parts
         }
-        want_out = {"logits"} | {f"present.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")}
+        want_out = {"logits"} | {f"present.{i}.{kv}" for i in range(self.n_layers) for kv in parts}
         if inputs != want_in or outputs != want_out:
             missing = sorted((want_in - inputs) | (want_out - outputs)) or sorted(
                 (inputs - want_in) | (outputs - want_out)
@@ -160,6 +181,11 @@ class OrtEngine:
         b.bind_cpu_input("attention_mask", self._mask[:, : self._len + n])
         b.bind_cpu_input("logits_to_keep", self._keep[last_only])
         self.session.run_with_iobinding(b)
+        if self.kv_dtype == "int8":  # outputs in binding order: logits, then each layer's parts
+            new = iter(b.get_outputs()[1:])
+            for layer in self._buffers:
+                for a in layer.values():
+                    a[:, :, self._len : self._len + n] = next(new).numpy()
         self._len += n
         if last_only:
             return self._last.numpy()[0].copy()  # (1, V); the buffer is reused by the next step
