@@ -56,7 +56,10 @@ def test_export_and_engine_with_int8_kv(tmp_path):
         m["kv"]["dtype"] == "int8" and m["kv"]["bytes_per_token"] < m["config"]["n_layers"] * 2 * 2 * 16 * 4
     )
     assert m["parity"]["greedy_tokens_agreeing"] == 9 and "int8 cache" in m["parity"]["reference"]
-    assert m["parity"]["max_abs_logits_diff_decode"] <= 1e-3 and m["parity"]["max_abs_logits_diff_prefill"] <= 1e-3
+    assert (
+        m["parity"]["max_abs_logits_diff_decode"] <= 1e-3
+        and m["parity"]["max_abs_logits_diff_prefill"] <= 1e-3
+    )
     lm = omni_model.load(tmp_path / "hf", fuse=False)
     engine = OrtEngine(tmp_path / "q")
     ids = list(range(40, 80))
@@ -78,3 +81,28 @@ def test_int8_kv_refuses_sliding_windows(tmp_path):
         export_onnx(tmp_path, tmp_path / "out", ExportConfig(weights="float32", kv="int8"), parity_text=TEXT)
     with pytest.raises(UnsupportedExportError, match="float32 or int8"):
         ExportConfig(kv="int4")
+
+
+def test_calibrated_keys_match_the_calibrated_pytorch_cache(tmp_path):
+    from omni_kv.calibration import calibrate
+
+    tiny.save_tiny("llama", tmp_path / "hf")
+    lm = omni_model.load(tmp_path / "hf", fuse=False)
+    cal = calibrate(lm.model, list(range(200)), "tiny", context=64).save(tmp_path / "cal.json")
+    cfg = ExportConfig(weights="float32", kv="int8", kv_calibration=str(cal), parity_prompt_tokens=16,
+                       parity_decode_tokens=8)  # fmt: skip
+    m = export_onnx(tmp_path / "hf", tmp_path / "q", cfg, parity_text=TEXT)
+    assert (
+        m["kv"]["calibration"] == "kv-calibration.json" and (tmp_path / "q" / "kv-calibration.json").is_file()
+    )
+    assert m["parity"]["max_abs_logits_diff_decode"] <= 1e-3 and m["parity"]["greedy_tokens_agreeing"] == 9
+    plain = export_onnx(tmp_path / "hf", tmp_path / "p", ExportConfig(weights="float32", kv="int8",
+                        parity_prompt_tokens=16, parity_decode_tokens=8), parity_text=TEXT)  # fmt: skip
+    ids = list(range(40, 90))
+    a, b = (
+        OrtEngine(tmp_path / "q").forward(ids, last_only=False),
+        OrtEngine(tmp_path / "p").forward(ids, False),
+    )
+    assert np.abs(a - b).max() > 0  # the scales change what is coded
+    with pytest.raises(UnsupportedExportError, match="applies to an int8 KV cache"):
+        ExportConfig(kv_calibration=str(cal))

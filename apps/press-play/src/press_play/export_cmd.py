@@ -44,6 +44,10 @@ def export(
             "--kv", help="The KV cache the graph takes and returns: float32, or int8 (codes + scales)."
         ),
     ] = "float32",
+    kv_calibration: Annotated[
+        Path | None,
+        typer.Option("--kv-calibration", help="With --kv int8: a sidecar from `press-play kv calibrate`."),
+    ] = None,
 ) -> None:
     """Export a model to an ONNX folder (graph, weights, tokenizer, manifest with parity figures)."""
     with reporting_errors():
@@ -52,7 +56,8 @@ def export(
         from omni_export.export import ExportConfig, export_onnx
 
         config = ExportConfig(weights=weights, block_size=block_size, symmetric=symmetric,  # type: ignore[arg-type]
-                              accuracy_level=accuracy_level, max_seq_len=max_seq_len, kv=kv)  # fmt: skip
+                              accuracy_level=accuracy_level, max_seq_len=max_seq_len, kv=kv,
+                              kv_calibration=None if kv_calibration is None else str(kv_calibration))  # fmt: skip
         columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("export", total=5)

@@ -43,6 +43,7 @@ MANIFEST = "manifest.json"
 FORMAT = "omnicoder-onnx"
 VERSION = 1
 GRAPH, DATA = "model.onnx", "model.onnx.data"
+KV_CALIBRATION = "kv-calibration.json"
 Progress = Callable[[str, int, int], None]
 
 
@@ -54,6 +55,7 @@ class ExportConfig:
     accuracy_level: int = 4  # MatMulNBits compute: 1 float32, 4 int8 activations (faster)
     max_seq_len: int = 4096  # context the graph serves (capped by the model's)
     kv: KVFormat = "float32"  # the cache at the graph's inputs/outputs: float32, or int8 codes + scales
+    kv_calibration: str | None = None  # int8 KV: a sidecar from `press-play kv calibrate` (keys pre-scaled)
     parity_prompt_tokens: int = 64
     parity_decode_tokens: int = 32
 
@@ -61,6 +63,8 @@ class ExportConfig:
         GraphOptions(self.weights, self.accuracy_level, self.max_seq_len, self.kv)  # validates those four
         if self.block_size not in (16, 32, 64, 128, 256):
             raise UnsupportedExportError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
+        if self.kv_calibration is not None and self.kv != "int8":
+            raise UnsupportedExportError("a KV calibration applies to an int8 KV cache (--kv int8)")
         if self.parity_prompt_tokens < 1 or self.parity_decode_tokens < 0:
             raise ExportError("parity_prompt_tokens must be >= 1 and parity_decode_tokens >= 0")
 
@@ -96,7 +100,16 @@ def export_onnx(
                                     config.symmetric, count)  # fmt: skip
     report("building the graph", 2, 5)
     opts = GraphOptions(config.weights, config.accuracy_level, max_seq, config.kv)
-    graph = build_decoder_graph(cfg, weights, opts)
+    calibration = None
+    if config.kv_calibration is not None:
+        from omni_kv.calibration import KVCalibration
+
+        calibration = KVCalibration.load(config.kv_calibration)
+        calibration.check_model(cfg.n_layers, cfg.n_kv_heads, cfg.head_size, str(source))
+    key_scales = None
+    if calibration is not None:
+        key_scales = np.stack([calibration.key_scales(i).numpy() for i in range(cfg.n_layers)])
+    graph = build_decoder_graph(cfg, weights, opts, key_scales)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -105,6 +118,8 @@ def export_onnx(
         )
         del graph
         tokenizer_files = lm.tokenizer.save(tmp)
+        if calibration is not None:
+            calibration.save(tmp / KV_CALIBRATION)
         report("measuring parity against PyTorch", 3, 5)
         parity = measure_parity(lm, tmp / GRAPH, cfg, config, parity_text)
         weight_bytes = sum(_nbytes(w) for w in weights.values())
@@ -120,7 +135,7 @@ def export_onnx(
             "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "logits_to_keep": "logits_to_keep",
                        "past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value"},
             "outputs": {"logits": "logits", "present_key": "present.{i}.key", "present_value": "present.{i}.value"},
-            "kv": _kv_manifest(cfg, config.kv),
+            "kv": _kv_manifest(cfg, config.kv) | ({"calibration": KV_CALIBRATION} if calibration else {}),
             "weight_bytes": weight_bytes, "file_bytes": (tmp / DATA).stat().st_size + (tmp / GRAPH).stat().st_size,
             "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(lm.tokenizer.eos_token_ids),
                           "bos_token_id": lm.tokenizer.bos_token_id},
@@ -156,7 +171,7 @@ def measure_parity(lm, graph: Path, cfg, config: ExportConfig, text: str | None)
     if config.kv == "int8":  # the graph codes its cache as omni_kv's int8 cache does: compare with that
         from omni_kv import CacheSpec
 
-        cache = lm.model.make_cache(spec=CacheSpec("int8"))
+        cache = lm.model.make_cache(spec=CacheSpec("int8", calibration=config.kv_calibration))
     else:
         cache = lm.model.make_cache(max_len=n_prompt + n_decode + 1)
     torch_logits = lm.model(torch.tensor([ids]), cache=cache)[0].numpy()

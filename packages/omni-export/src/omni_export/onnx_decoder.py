@@ -319,10 +319,13 @@ class _Builder:
         x = g.op("Reshape", [x, self.c(f"heads{n}", [0, 0, n, self.cfg.head_size])])
         return g.op("Transpose", [x], perm=[0, 2, 1, 3])
 
-    def quantize_int8(self, x: str, out: str) -> str:
-        """Code x (B, Hkv, T, Dh) per token as omni_kv's int8 cache does; write the codes, scales and
-        offsets to the outputs `out`, `out`_scale, `out`_offset; return the decoded x."""
+    def quantize_int8(self, x: str, out: str, channel_scale: str | None = None) -> str:
+        """Code x (B, Hkv, T, Dh) per token as omni_kv's int8 cache does (divided by `channel_scale`
+        first when given); write the codes, scales and offsets to the outputs `out`, `out`_scale,
+        `out`_offset; return the decoded x."""
         g = self.g
+        if channel_scale is not None:
+            x = g.op("Div", [x, channel_scale])
         lo = g.op("ReduceMin", [x, self.c("axis_last", [-1])], keepdims=1)
         hi = g.op("ReduceMax", [x, self.c("axis_last", [-1])], keepdims=1)
         step = g.op("Max", [g.op("Div", [g.op("Sub", [hi, lo]), self.c("f255", 255.0, np.float32)]),
@@ -334,15 +337,17 @@ class _Builder:
         q = g.op("Round", [g.op("Div", [g.op("Sub", [x, offset]), scale])])
         q = g.op("Clip", [q, self.c("f0", 0.0, np.float32), self.c("f255", 255.0, np.float32)])
         codes = g.op("Cast", [q], to=TensorProto.UINT8, outputs=[out])
-        return g.op("Add", [g.op("Mul", [g.op("Cast", [codes], to=TensorProto.FLOAT), scale]), offset])
+        y = g.op("Add", [g.op("Mul", [g.op("Cast", [codes], to=TensorProto.FLOAT), scale]), offset])
+        return y if channel_scale is None else g.op("Mul", [y, channel_scale])
 
-    def dequantize_past(self, codes: str, scale: str, offset: str) -> str:
+    def dequantize_past(self, codes: str, scale: str, offset: str, channel_scale: str | None = None) -> str:
         g = self.g
         first = [self.c("zero1", [0]), self.past_len_1d, self.c("axes2", [2])]
         c, s, o = (g.op("Slice", [t, *first]) for t in (codes, scale, offset))
         cast = TensorProto.FLOAT
-        return g.op("Add", [g.op("Mul", [g.op("Cast", [c], to=cast), g.op("Cast", [s], to=cast)]),
-                            g.op("Cast", [o], to=cast)])  # fmt: skip
+        y = g.op("Add", [g.op("Mul", [g.op("Cast", [c], to=cast), g.op("Cast", [s], to=cast)]),
+                         g.op("Cast", [o], to=cast)])  # fmt: skip
+        return y if channel_scale is None else g.op("Mul", [y, channel_scale])
 
     def attention_int8(self, i: int, h: str, past: dict[str, str], cos: str, sin: str) -> str:
         cfg, g, w = self.cfg, self.g, self.w
@@ -359,9 +364,14 @@ class _Builder:
         q, k = self.heads(self.rotate(q, nh, cos, sin), nh), self.heads(self.rotate(k, hkv, cos, sin), hkv)
         v = self.heads(v, hkv)
         keys, values = [], []
+        ks = getattr(self, "key_scales", None)
+        key_scale = (
+            None if ks is None else g.const(f"{p}key_scales", ks[i][None, :, None, :].astype(np.float32))
+        )
         for kv, new, acc in (("key", k, keys), ("value", v, values)):
-            old = self.dequantize_past(past[kv], past[f"{kv}_scale"], past[f"{kv}_offset"])
-            acc.append(g.op("Concat", [old, self.quantize_int8(new, f"present.{i}.{kv}")], axis=2))
+            cs = key_scale if kv == "key" else None
+            old = self.dequantize_past(past[kv], past[f"{kv}_scale"], past[f"{kv}_offset"], cs)
+            acc.append(g.op("Concat", [old, self.quantize_int8(new, f"present.{i}.{kv}", cs)], axis=2))
         # Grouped heads: the G query heads of a kv head attend together, (B, Hkv, G, T, Dh).
         q5 = g.op("Reshape", [q, self.c("group_q", [0, hkv, nh // hkv, -1, dh])])
         k5 = g.op("Unsqueeze", [keys[0], self.c("axes2", [2])])
@@ -396,8 +406,20 @@ class _Builder:
 
 
 def build_decoder_graph(
-    cfg: ModelConfig, weights: Mapping[str, Weight], opts: GraphOptions
+    cfg: ModelConfig, weights: Mapping[str, Weight], opts: GraphOptions, key_scales: np.ndarray | None = None
 ) -> onnx.ModelProto:
-    """The decoder `cfg` with `weights` (plain module names -> float arrays or packed weights)."""
+    """The decoder `cfg` with `weights` (plain module names -> float arrays or packed weights).
+    `key_scales` (n_layers, n_kv_heads, head_dim), int8 KV only: per-channel divisors applied to keys
+    before coding and undone after decoding (omni_kv.calibration's `key_scales`)."""
     check_supported(cfg, opts)
-    return _Builder(cfg, weights, opts).build()
+    if key_scales is not None:
+        want = (cfg.n_layers, cfg.n_kv_heads, cfg.head_size)
+        if opts.kv != "int8":
+            raise UnsupportedExportError("key scales from a KV calibration apply to an int8 KV cache only")
+        if key_scales.shape != want:
+            raise UnsupportedExportError(
+                f"KV key scales have shape {key_scales.shape}; the model needs {want}"
+            )
+    b = _Builder(cfg, weights, opts)
+    b.key_scales = key_scales
+    return b.build()

@@ -81,7 +81,10 @@ class Decoder(nn.Module):
                     cfg.n_layers, rank, rope, sinks=spec.sinks if spec.kind == "sink" else 0, window=spec.window,
                     rotate=self.rope.shift, batch_size=batch_size, dtype=dtype, device=device,
                 )  # fmt: skip
-            raise KVCacheError(f"a {spec.kind} cache is not available for latent attention (MLA) yet")
+            # paged: the latent as the keys, the rotary key as the values (neither is rotated by the cache)
+            return PagedKVCache(cfg.n_layers, 1, rank, v_head_dim=rope, batch_size=batch_size, dtype=dtype,
+                                budget_bytes=spec.budget_bytes, page_tokens=spec.page_tokens,
+                                spill_dir=spec.spill_dir)  # fmt: skip
         dims = (cfg.n_layers, cfg.n_kv_heads, cfg.head_size)
         if spec.kind == "dense":
             return DenseKVCache(*dims, batch_size=batch_size, max_len=max_len, dtype=dtype, device=device)
