@@ -46,6 +46,16 @@ def test_int4_export_reports_parity(tiny_model_dir, tmp_path):
     assert "int4 weights" in result.stdout and "greedy tokens agreeing" in result.output
 
 
+def test_int8_kv_export_generates(tiny_model_dir, tmp_path):
+    manifest = _export(
+        tiny_model_dir, tmp_path / "q", "--weights", "float32", "--kv", "int8", "--max-seq-len", "128"
+    )
+    assert manifest["kv"]["dtype"] == "int8"
+    result = runner.invoke(cli.app, ["generate", "To be", "--raw", "--temperature", "0", "-n", "8", "--model",
+                                     str(tmp_path / "q")])  # fmt: skip
+    assert result.exit_code == 0 and result.stdout.strip(), result.output
+
+
 def test_bad_export_and_engine_input_is_one_line(tiny_model_dir, tmp_path):
     cases = [
         (
@@ -55,6 +65,10 @@ def test_bad_export_and_engine_input_is_one_line(tiny_model_dir, tmp_path):
         (
             ["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--weights", "int3"],
             "weights",
+        ),
+        (
+            ["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--kv", "int4"],
+            "KV cache format must be float32 or int8",
         ),
         (["generate", "hi", "--model", str(tiny_model_dir), "--engine", "onnx"], "no manifest.json"),
         (["generate", "hi", "--model", str(tiny_model_dir), "--engine", "tpu"], "--engine tpu"),

@@ -70,6 +70,11 @@ def test_export_and_engine_with_int8_kv(tmp_path):
     want = [ref.step(np.array([ids[:30]]))[0]] + [ref.step(np.array([[t]]))[0, -1] for t in ids[30:]]
     assert np.abs(full - want[0]).max() <= 1e-5
     assert max(np.abs(a - b).max() for a, b in zip(steps, want[1:], strict=True)) <= 1e-5
+    engine.reset()  # again with a last-only prefill: the reused binding must take any token count
+    assert np.abs(engine.forward(ids[:30])[0] - want[0][-1]).max() <= 1e-5
+    assert np.abs(engine.forward(ids[30:32])[0] - want[2]).max() <= 1e-5
+    for t in ids[32:]:
+        engine.forward([t])
     engine.rollback(5)
     again = [engine.forward([t])[0] for t in ids[35:]]
     assert max(np.abs(a - b).max() for a, b in zip(again, want[6:], strict=True)) <= 1e-5
@@ -96,7 +101,7 @@ def test_calibrated_keys_match_the_calibrated_pytorch_cache(tmp_path):
         m["kv"]["calibration"] == "kv-calibration.json" and (tmp_path / "q" / "kv-calibration.json").is_file()
     )
     assert m["parity"]["max_abs_logits_diff_decode"] <= 1e-3 and m["parity"]["greedy_tokens_agreeing"] == 9
-    plain = export_onnx(tmp_path / "hf", tmp_path / "p", ExportConfig(weights="float32", kv="int8",
+    export_onnx(tmp_path / "hf", tmp_path / "p", ExportConfig(weights="float32", kv="int8",
                         parity_prompt_tokens=16, parity_decode_tokens=8), parity_text=TEXT)  # fmt: skip
     ids = list(range(40, 90))
     a, b = (

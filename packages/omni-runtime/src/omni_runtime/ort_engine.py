@@ -115,6 +115,9 @@ class OrtEngine:
             {part: ort.OrtValue.ortvalue_from_numpy(a) for part, a in layer.items()}
             for layer in self._buffers
         ]
+        self._present_names = [
+            f"present.{i}.{part}" for i in range(self.n_layers) for part in KV_PARTS[self.kv_dtype]
+        ]
         self._len = 0
         self._mask = np.ones((1, self.max_seq_len), np.int64)
         self._keep = {True: np.array(1, np.int64), False: np.array(0, np.int64)}
@@ -180,6 +183,9 @@ class OrtEngine:
         b.bind_cpu_input("input_ids", x)
         b.bind_cpu_input("attention_mask", self._mask[:, : self._len + n])
         b.bind_cpu_input("logits_to_keep", self._keep[last_only])
+        if self.kv_dtype == "int8":  # fresh outputs each call: the new tokens' count varies
+            for name in self._present_names:
+                b.bind_output(name, "cpu")
         self.session.run_with_iobinding(b)
         if self.kv_dtype == "int8":  # outputs in binding order: logits, then each layer's parts
             new = iter(b.get_outputs()[1:])
