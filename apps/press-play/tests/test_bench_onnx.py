@@ -6,13 +6,13 @@ import math
 
 import pytest
 
-from press_play.bench_onnx import ABLATION, OnnxBenchConfig, render_onnx_section, run_onnx_bench
+from press_play.bench_onnx import ABLATION, INT8_KV, OnnxBenchConfig, render_onnx_section, run_onnx_bench
 
 
 @pytest.mark.slow
 def test_quick_run_measures_and_renders(tmp_path):
     report = run_onnx_bench(OnnxBenchConfig.quick_config(work_dir=str(tmp_path)))
-    assert list(report.engines) == ["omnicoder-onnx", ABLATION]
+    assert list(report.engines) == ["omnicoder-onnx", ABLATION, INT8_KV]
     assert "ppl" not in report.engines[ABLATION]  # its outputs are wrong by construction
     run = report.engines["omnicoder-onnx"]["runs"][0]
     assert all(
