@@ -1,5 +1,6 @@
-"""QuantizedKVCache: codes within their rounding bound, exact full-precision tails, the same answer
-however the tokens arrive, rollback, bytes, and one-line errors for bad settings."""
+"""QuantizedKVCache: codes within their rounding bound, the fast decode bit for bit the plain one, exact
+full-precision tails, the same answer however the tokens arrive, rollback, bytes, and one-line errors
+for bad settings."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from omni_kv import KVCache, KVCacheError, KVQuantConfig, QuantizedKVCache, StreamSpec
+from omni_kv.calibration import KVCalibration
 from omni_kv.quantized import NF4_LEVELS, bytes_per_token, dequantize, quantize
 
 CONFIGS = {
@@ -43,6 +45,75 @@ def test_codes_stay_within_their_rounding_bound(spec):
     assert ((back - x).abs() <= bound + 1e-6).all()
 
 
+def plain_dequantize(codes, scale, offset, spec, dim):
+    """The straightforward decode the fast path must equal bit for bit: unpack nibbles with stack, look
+    NF4 levels up, then code * scale + offset in float32."""
+    b, h, t, _ = codes.shape
+    if spec.bits == 4:
+        codes = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(b, h, t, dim)
+    if spec.axis == "token":
+        g = spec.group or dim
+        c, u = codes.reshape(b, h, t, dim // g, g), -1
+    else:
+        c, u = codes.reshape(b, h, t // spec.group, spec.group, dim), -2
+    if spec.format == "nf4":
+        x = NF4_LEVELS[c.long()] * scale.float().unsqueeze(u)
+    else:
+        x = c.float() * scale.float().unsqueeze(u) + offset.float().unsqueeze(u)
+    return x.reshape(b, h, t, dim)
+
+
+SPECS = [StreamSpec("int8"), StreamSpec("int8", "token", 8), StreamSpec("int8", "channel", 8),
+         StreamSpec("int4", "token", 8), StreamSpec("int4", "channel", 4), StreamSpec("nf4"), StreamSpec("nf4", "token", 16)]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("source", ["quantized", "random"])
+def test_fast_dequantize_is_the_plain_one_bit_for_bit(spec, source):
+    x = kv(32, 4)[0]
+    codes, scale, offset = quantize(x, spec)
+    if source == "random":  # every byte value, scales and offsets over float16's range
+        g = torch.Generator().manual_seed(5)
+        codes = torch.randint(0, 256, codes.shape, generator=g, dtype=torch.uint8)
+        scale = (
+            torch.randn(scale.shape, generator=g) * 10 ** torch.randint(-4, 4, scale.shape, generator=g)
+        ).half()
+        offset = (torch.randn(offset.shape, generator=g) * 100).half()
+    offset = None if spec.format == "nf4" else offset
+    want = plain_dequantize(codes, scale, offset, spec, 32)
+    assert torch.equal(dequantize(codes, scale, offset, spec, 32), want)
+    buf = torch.full((2, 3, 40, 32), float("nan"))  # into the front of a longer buffer, as the cache reads
+    dequantize(codes, scale, offset, spec, 32, out=buf[:, :, :32])
+    assert torch.equal(buf[:, :, :32], want) and buf[:, :, 32:].isnan().all()
+
+
+@pytest.mark.parametrize("name", [*sorted(CONFIGS), "int8-calibrated", "nf4-calibrated"])
+def test_cache_returns_the_plain_decode_of_its_codes_then_the_tail(name):
+    """Token by token over two layers (which share the read buffers): the coded tokens read back as the
+    plain decode of the whole prefix coded at once (groups align, so that codes them alike)."""
+    cfg = CONFIGS[name.removesuffix("-calibrated")]
+    cal = None
+    if name.endswith("-calibrated"):
+        cal = KVCalibration("t", 2, 3, 32, 1, torch.rand(2, 3, 32) + 0.1, torch.ones(2, 3, 32))
+    cache = QuantizedKVCache(2, 3, 32, cfg, batch_size=2, calibration=cal)
+    k, v = kv(60, 6)
+
+    def want(x, spec, div):
+        nc = max(0, x.shape[2] - spec.residual)
+        nc -= nc % spec.group if spec.axis == "channel" else 0
+        back = plain_dequantize(*quantize(x[:, :, :nc] / div, spec), spec, 32) * div
+        return torch.cat([back, x[:, :, nc:]], dim=2)
+
+    for s, t in [(0, 20), *((i, 1) for i in range(20, 60))]:
+        for layer in range(2):
+            kl, vl = k[:, :, : s + t] + layer, v[:, :, : s + t] - layer
+            got_k, got_v = cache.update(layer, kl[:, :, s:], vl[:, :, s:])
+            div = torch.ones(()) if cal is None else cal.key_scales(layer)[None, :, None, :]
+            assert torch.equal(got_k, want(kl, cfg.keys, div)), (s, layer)
+            assert torch.equal(got_v, want(vl, cfg.values, torch.ones(()))), (s, layer)
+        cache.advance(t)
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_tail_is_exact_and_arrival_order_does_not_matter(name):
     cfg = CONFIGS[name]
@@ -67,7 +138,7 @@ def test_rollback_then_rewrite(name):
     cfg = CONFIGS[name]
     cache = QuantizedKVCache(1, 3, 32, cfg, batch_size=2)
     k, v = kv(40, 2)
-    seen_k, seen_v = cache.update(0, k, v)
+    seen_k, seen_v = (x.clone() for x in cache.update(0, k, v))  # the next update reuses the buffers
     cache.advance(40)
     cache.rollback(7)
     k2, v2 = kv(3, 3)
