@@ -39,3 +39,26 @@ def test_bad_input_is_one_line(tiny_model_dir, args, what):
 def test_parse_size():
     assert parse_size("2GB", "x") == 2 * 10**9 and parse_size("512MiB", "x") == 512 * 2**20
     assert parse_size("64", "x") == 64
+
+
+def test_generate_and_eval_take_a_kv_cache_kind(tiny_model_dir, text_file):
+    gen = ["generate", "To be", "--raw", "--temperature", "0", "-n", "10", "--model", str(tiny_model_dir)]
+    dense = runner.invoke(cli.app, gen)
+    int8 = runner.invoke(cli.app, [*gen, "--kv", "int8"])
+    sink = runner.invoke(
+        cli.app, [*gen, "--kv", "sink:sinks=2,window=64"]
+    )  # holds the whole prompt: as dense
+    assert dense.exit_code == int8.exit_code == sink.exit_code == 0, int8.output + sink.output
+    assert sink.stdout == dense.stdout
+    args = ["eval", "perplexity", "--model", str(tiny_model_dir), "--text", str(text_file), "--context", "64"]
+    for kind in ("kivi:group=16,residual=16", "paged:budget_bytes=64KiB,page_tokens=8"):
+        result = runner.invoke(cli.app, [*args, "--kv", kind, "--json"])
+        assert result.exit_code == 0, result.output
+
+
+def test_kv_errors_are_one_line(tiny_model_dir, tmp_path):
+    result = runner.invoke(cli.app, ["generate", "hi", "--model", str(tiny_model_dir), "--kv", "int3"])
+    assert result.exit_code == 1 and "kind must be one of" in result.output
+    (tmp_path / "manifest.json").write_text("{}")
+    result = runner.invoke(cli.app, ["generate", "hi", "--model", str(tmp_path), "--kv", "int8"])
+    assert result.exit_code == 1 and "fixed at export" in result.output

@@ -17,6 +17,7 @@ from omni_model.zoo import DEFAULT_MODEL
 from press_play.common import err, open_runner, out, reporting_errors
 from press_play.generate_cmd import (
     EngineOption,
+    KVOption,
     MaxNewTokens,
     MinP,
     Model,
@@ -35,6 +36,7 @@ HELP = "[dim]/reset clears the history, /exit (or Ctrl-D) leaves; Ctrl-C stops a
 def chat(
     model: Model = DEFAULT_MODEL,
     engine: EngineOption = "auto",
+    kv: KVOption = None,
     system: Annotated[
         str | None, typer.Option("--system", help="A system message that opens the conversation.")
     ] = None,
@@ -52,7 +54,7 @@ def chat(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed,
         )  # fmt: skip
-        runner = open_runner(model, engine)
+        runner = open_runner(model, engine, kv)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     err.print(f"[bold]{escape(runner.source)}[/bold] [dim]({runner.description})[/dim]", soft_wrap=True)

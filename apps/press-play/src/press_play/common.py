@@ -20,6 +20,7 @@ from rich.markup import escape
 from omni_model.errors import DataError, OmniError
 
 if TYPE_CHECKING:
+    from omni_kv import CacheSpec
     from omni_model.loader import LoadedModel
     from omni_model.tokenizer import Tokenizer
     from omni_runtime.engine import Engine
@@ -82,12 +83,23 @@ def is_exported(source: str) -> bool:
     return (Path(source) / "manifest.json").is_file()
 
 
-def open_runner(source: str, engine: str = "auto") -> Runner:
+def open_runner(source: str, engine: str = "auto", kv: str | None = None) -> Runner:
     """`engine` "torch" loads the model with omni_model; "onnx" opens an exported folder (press-play
-    export) with ONNX Runtime; "auto" picks onnx for an exported folder and torch otherwise."""
+    export) with ONNX Runtime; "auto" picks onnx for an exported folder and torch otherwise. `kv`: the
+    PyTorch engine's cache kind (omni_kv.CacheSpec text, e.g. int8, kivi, sink:window=1024)."""
     if engine not in ("auto", "torch", "onnx"):
         raise DataError(f"--engine {engine}: must be auto, torch or onnx")
-    if engine == "onnx" or (engine == "auto" and is_exported(source)):
+    onnx = engine == "onnx" or (engine == "auto" and is_exported(source))
+    spec = None
+    if kv is not None:
+        if onnx:
+            raise DataError(
+                f"--kv {kv}: an exported model's cache is fixed at export (press-play export --kv)"
+            )
+        from omni_kv import CacheSpec
+
+        spec = CacheSpec.parse(kv)
+    if onnx:
         from omni_model.tokenizer import Tokenizer
         from omni_runtime.ort_engine import OrtEngine
 
@@ -101,13 +113,14 @@ def open_runner(source: str, engine: str = "auto") -> Runner:
         )
         return Runner(ort_engine, tok, source, desc)
     lm, _ = load_model(source)
-    return runner_for(lm)
+    return runner_for(lm, spec)
 
 
-def runner_for(lm: LoadedModel) -> Runner:
+def runner_for(lm: LoadedModel, cache: CacheSpec | None = None) -> Runner:
     from omni_runtime.torch_engine import TorchEngine
 
-    return Runner(TorchEngine(lm), lm.tokenizer, lm.source, describe(lm))
+    desc = describe(lm) + ("" if cache is None or cache.kind == "dense" else f", {cache.kind} KV cache")
+    return Runner(TorchEngine(lm, cache=cache), lm.tokenizer, lm.source, desc)
 
 
 def describe(lm: LoadedModel) -> str:

@@ -25,6 +25,14 @@ EngineOption = Annotated[
     str,
     typer.Option("--engine", help="torch, onnx (an exported folder), or auto: onnx for exported folders."),
 ]
+KVOption = Annotated[
+    str | None,
+    typer.Option(
+        "--kv",
+        help="KV cache of the PyTorch engine: dense, int8, kivi, nf4, sink, window, paged "
+        "(settings after a colon: kivi:bits=8, sink:window=1024, paged:budget_bytes=16MiB).",
+    ),
+]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.")]
 TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 is off.")]
@@ -72,6 +80,7 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt text.")],
     model: Model = DEFAULT_MODEL,
     engine: EngineOption = "auto",
+    kv: KVOption = None,
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = 0.2,
     top_k: TopK = 0,
@@ -93,6 +102,6 @@ def generate(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop or ()),
         )  # fmt: skip
-        runner = open_runner(model, engine)
+        runner = open_runner(model, engine, kv)
         text = chat_prompt(runner, [{"role": "user", "content": prompt}]) if chat else prompt
         stream_reply(runner, text, config)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from omni_kv import CacheSpec
 from omni_model.loader import LoadedModel
 from omni_runtime.engine import EngineError
 
@@ -14,12 +15,18 @@ from omni_runtime.engine import EngineError
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, lm: LoadedModel, *, max_seq_len: int | None = None) -> None:
+    def __init__(
+        self, lm: LoadedModel, *, max_seq_len: int | None = None, cache: CacheSpec | None = None
+    ) -> None:
+        """`cache`: the KV cache kind (omni_kv.CacheSpec; dense by default). A sink + window cache
+        lets generation run past the model's context, so max_seq_len does not cap it."""
         self.lm, self.model = lm, lm.model
         self.vocab_size = lm.config.vocab_size
         self.max_seq_len = min(max_seq_len or lm.config.max_seq_len, lm.config.max_seq_len)
+        if cache is not None and cache.kind in ("sink", "window"):
+            self.max_seq_len = max_seq_len or 1 << 30
         # A growing cache: memory follows the sequence, not the model's (often long) context.
-        self._cache = self.model.make_cache(batch_size=1)
+        self._cache = self.model.make_cache(batch_size=1, spec=cache)
 
     @property
     def seq_len(self) -> int:
@@ -39,10 +46,12 @@ class TorchEngine:
             raise EngineError(f"token ids must be in 0..{self.vocab_size - 1}")
         return self.model(x, cache=self._cache, last_only=last_only)[0].numpy()
 
+    @torch.inference_mode()  # caches may write on rollback and reset (buffers made under inference mode)
     def rollback(self, n: int) -> None:
         if not 0 <= n <= self.seq_len:
             raise EngineError(f"cannot roll back {n} tokens; the cache holds {self.seq_len}")
         self._cache.rollback(n)
 
+    @torch.inference_mode()
     def reset(self) -> None:
         self._cache.reset()
