@@ -18,6 +18,7 @@ from press_play.common import out, reporting_errors, settings
 from press_play.eval_cmd import eval_app
 from press_play.export_cmd import export
 from press_play.generate_cmd import generate
+from press_play.index_cmd import index_app
 from press_play.kv_cmd import kv_app
 from press_play.tour import run_tour
 
@@ -36,6 +37,7 @@ app.command()(chat)
 app.command()(export)
 app.add_typer(eval_app, name="eval")
 app.add_typer(kv_app, name="kv")
+app.add_typer(index_app, name="index")
 
 
 def _installed_versions() -> list[tuple[str, str]]:

@@ -1,0 +1,64 @@
+"""press-play index build / query / stats on a folder of text, embedded by the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from press_play import cli
+
+runner = CliRunner()
+PASSAGES = {
+    "hamlet.txt": "To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer. "
+    * 6,
+    "sea.txt": "Or to take arms against a sea of troubles, and by opposing end them. To die, to sleep. " * 6,
+}
+
+
+def test_build_query_stats(tiny_model_dir, tmp_path):
+    src = tmp_path / "docs"
+    src.mkdir()
+    for name, text in PASSAGES.items():
+        (src / name).write_text(text, encoding="utf-8")
+    idx = tmp_path / "idx"
+    result = runner.invoke(cli.app, ["index", "build", str(src), "--out", str(idx), "--model", str(tiny_model_dir),
+                                     "--chunk-tokens", "16", "--kind", "flat", "--budget", "1MB"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    chunks = [json.loads(line) for line in (idx / "chunks.jsonl").read_text().splitlines()]
+    assert {c["file"].split("/")[-1] for c in chunks} == set(PASSAGES) and len(chunks) > 4
+    assert json.loads((idx / "budget.json").read_text())["budget_bytes"] == 10**6
+    # A chunk's own text finds that chunk first (the same tokens embed to the same vector).
+    probe = chunks[len(chunks) - 2]["text"]
+    result = runner.invoke(cli.app, ["index", "query", str(idx), probe, "-k", "3"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    first_row = next(line for line in result.stdout.splitlines() if "sea.txt" in line or "hamlet.txt" in line)
+    assert "1.000" in first_row
+    stats = json.loads(runner.invoke(cli.app, ["index", "stats", str(idx)]).stdout)
+    assert stats["count"] == len(chunks) and stats["kind"] == "flat"
+
+
+def test_bad_sources_are_one_line(tiny_model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(cli.app, ["index", "build", str(tmp_path / "empty"), "--out", str(tmp_path / "i"),
+                                     "--model", str(tiny_model_dir)])  # fmt: skip
+    assert result.exit_code == 1 and "holds no text files" in result.output
+    result = runner.invoke(cli.app, ["index", "stats", str(tmp_path)])
+    assert result.exit_code == 1 and "no index.json" in result.output
+    assert not (tmp_path / "i").exists()
+
+
+def test_build_from_a_npy_of_vectors(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32))
+    result = runner.invoke(cli.app, ["index", "build", str(tmp_path / "v.npy"), "--out", str(tmp_path / "i"),
+                                     "--kind", "pq", "--bytes-per-vector", "4"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stats = json.loads(runner.invoke(cli.app, ["index", "stats", str(tmp_path / "i")]).stdout)
+    assert stats["count"] == 300 and stats["code_bytes"] == 4 and stats["compression"] == 16
+    np.save(tmp_path / "bad.npy", np.zeros(5, np.float32))
+    result = runner.invoke(
+        cli.app, ["index", "build", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "j")]
+    )
+    assert result.exit_code == 1 and "expected a 2-D float array" in result.output
