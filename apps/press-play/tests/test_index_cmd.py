@@ -62,3 +62,27 @@ def test_build_from_a_npy_of_vectors(tmp_path):
         cli.app, ["index", "build", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "j")]
     )
     assert result.exit_code == 1 and "expected a 2-D float array" in result.output
+
+
+def test_knn_datastore_lowers_perplexity_on_its_own_text(tiny_model_dir, text_file, tmp_path):
+    result = runner.invoke(cli.app, ["index", "datastore", str(text_file), "--out", str(tmp_path / "ds"),
+                                     "--model", str(tiny_model_dir), "--kind", "flat"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    args = [
+        "eval",
+        "perplexity",
+        "--model",
+        str(tiny_model_dir),
+        "--text",
+        str(text_file),
+        "--context",
+        "64",
+        "--json",
+    ]
+    plain = json.loads(runner.invoke(cli.app, args).stdout)["ppl"]
+    with_knn = runner.invoke(cli.app, [*args, "--knn", str(tmp_path / "ds")])
+    assert with_knn.exit_code == 0, with_knn.output
+    assert json.loads(with_knn.stdout)["ppl"] < 0.5 * plain
+    gen = runner.invoke(cli.app, ["generate", "To be", "--raw", "-n", "8", "--temperature", "0", "--model",
+                                  str(tiny_model_dir), "--knn", str(tmp_path / "ds")])  # fmt: skip
+    assert gen.exit_code == 0 and gen.stdout.strip(), gen.output

@@ -17,6 +17,7 @@ from omni_model.zoo import DEFAULT_MODEL
 from press_play.common import err, open_runner, out, reporting_errors
 from press_play.generate_cmd import (
     EngineOption,
+    KNNOption,
     KVOption,
     MaxNewTokens,
     MinP,
@@ -37,6 +38,7 @@ def chat(
     model: Model = DEFAULT_MODEL,
     engine: EngineOption = "auto",
     kv: KVOption = None,
+    knn: KNNOption = None,
     system: Annotated[
         str | None, typer.Option("--system", help="A system message that opens the conversation.")
     ] = None,
@@ -54,7 +56,7 @@ def chat(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed,
         )  # fmt: skip
-        runner = open_runner(model, engine, kv)
+        runner = open_runner(model, engine, kv, knn)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     err.print(f"[bold]{escape(runner.source)}[/bold] [dim]({runner.description})[/dim]", soft_wrap=True)

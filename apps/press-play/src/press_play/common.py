@@ -83,13 +83,15 @@ def is_exported(source: str) -> bool:
     return (Path(source) / "manifest.json").is_file()
 
 
-def open_runner(source: str, engine: str = "auto", kv: str | None = None) -> Runner:
+def open_runner(source: str, engine: str = "auto", kv: str | None = None, knn: str | None = None) -> Runner:
     """`engine` "torch" loads the model with omni_model; "onnx" opens an exported folder (press-play
     export) with ONNX Runtime; "auto" picks onnx for an exported folder and torch otherwise. `kv`: the
     PyTorch engine's cache kind (omni_kv.CacheSpec text, e.g. int8, kivi, sink:window=1024)."""
     if engine not in ("auto", "torch", "onnx"):
         raise DataError(f"--engine {engine}: must be auto, torch or onnx")
     onnx = engine == "onnx" or (engine == "auto" and is_exported(source))
+    if knn is not None and onnx:
+        raise DataError(f"--knn {knn}: kNN-LM runs with the PyTorch engine (it needs the hidden states)")
     spec = None
     if kv is not None:
         if onnx:
@@ -113,7 +115,32 @@ def open_runner(source: str, engine: str = "auto", kv: str | None = None) -> Run
         )
         return Runner(ort_engine, tok, source, desc)
     lm, _ = load_model(source)
+    if knn is not None:
+        return knn_runner(lm, knn, spec)
     return runner_for(lm, spec)
+
+
+def knn_runner(lm: LoadedModel, folder: str, cache: CacheSpec | None = None) -> Runner:
+    """The PyTorch engine with its predictions mixed with a kNN-LM datastore's (omni_retrieval)."""
+    import torch
+
+    from omni_retrieval.knnlm import KNNLM
+    from omni_runtime.torch_engine import TorchEngine
+
+    knn = KNNLM(folder, vocab_size=lm.config.vocab_size, dim=lm.config.dim)
+
+    class KNNEngine(TorchEngine):
+        name = "torch+knn"
+
+        @torch.inference_mode()
+        def forward(self, ids, last_only: bool = True):
+            self._check(ids)
+            h = self.model.hidden_states(torch.tensor([list(ids)], dtype=torch.long), self._cache)[0]
+            h = h[-1:] if last_only else h
+            return knn.mix(self.model.logits(h[None])[0], h).numpy()
+
+    desc = describe(lm) + f", kNN-LM over {knn.index.count:,} positions of {folder}"
+    return Runner(KNNEngine(lm, cache=cache), lm.tokenizer, lm.source, desc)
 
 
 def runner_for(lm: LoadedModel, cache: CacheSpec | None = None) -> Runner:

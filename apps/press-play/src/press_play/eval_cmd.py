@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from omni_model.zoo import DEFAULT_MODEL
 from press_play.common import Runner, err, open_runner, out, read_text, reporting_errors
-from press_play.generate_cmd import EngineOption, KVOption, Model
+from press_play.generate_cmd import EngineOption, KNNOption, KVOption, Model
 
 if TYPE_CHECKING:
     from omni_model.metrics import PerplexityResult
@@ -50,6 +50,7 @@ def perplexity_cmd(
     model: Model = DEFAULT_MODEL,
     engine: EngineOption = "auto",
     kv: KVOption = None,
+    knn: KNNOption = None,
     text: Annotated[
         str,
         typer.Option(
@@ -72,7 +73,7 @@ def perplexity_cmd(
     """
     with reporting_errors():
         body = read_text(text)
-        runner = open_runner(model, engine, kv)
+        runner = open_runner(model, engine, kv, knn)
         result, n_tokens, seconds = text_perplexity(
             runner, body, context, max_tokens, show_progress=not as_json
         )

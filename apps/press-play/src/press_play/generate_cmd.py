@@ -33,6 +33,12 @@ KVOption = Annotated[
         "(settings after a colon: kivi:bits=8, sink:window=1024, paged:budget_bytes=16MiB).",
     ),
 ]
+KNNOption = Annotated[
+    str | None,
+    typer.Option(
+        "--knn", help="A kNN-LM datastore (press-play index datastore) to mix into the predictions."
+    ),
+]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.")]
 TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 is off.")]
@@ -81,6 +87,7 @@ def generate(
     model: Model = DEFAULT_MODEL,
     engine: EngineOption = "auto",
     kv: KVOption = None,
+    knn: KNNOption = None,
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = 0.2,
     top_k: TopK = 0,
@@ -102,6 +109,6 @@ def generate(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop or ()),
         )  # fmt: skip
-        runner = open_runner(model, engine, kv)
+        runner = open_runner(model, engine, kv, knn)
         text = chat_prompt(runner, [{"role": "user", "content": prompt}]) if chat else prompt
         stream_reply(runner, text, config)

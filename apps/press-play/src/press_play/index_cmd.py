@@ -144,6 +144,40 @@ def stats(index_dir: Annotated[Path, typer.Argument(help="An index folder.")]) -
                           "shards": len(m["shards"]), **prof}, indent=1))  # fmt: skip
 
 
+def datastore(
+    source: Annotated[
+        Path, typer.Argument(help="A folder of .txt/.md files (each one document), or one file.")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="The datastore folder to write.")],
+    model: Model = DEFAULT_MODEL,
+    kind: Annotated[str, typer.Option("--kind", help="auto, flat, pq or ivfpq.")] = "auto",
+    bytes_per_vector: Annotated[
+        int | None, typer.Option("--bytes-per-vector", min=1, help="PQ code size.")
+    ] = None,
+    context: Annotated[int, typer.Option("--context", min=2, help="Window the text runs in.")] = 512,
+) -> None:
+    """A kNN-LM datastore: the model's hidden state at every position of the text, keyed to the next
+    token (use it with --knn on generate, chat and eval perplexity)."""
+    with reporting_errors():
+        import omni_model
+        from omni_retrieval import IndexConfig
+        from omni_retrieval.embed import text_files
+        from omni_retrieval.knnlm import build_datastore
+
+        lm = omni_model.load(model)
+        docs = [lm.tokenizer.encode(f.read_text(encoding="utf-8")) for f in text_files(source)]
+        config = IndexConfig(kind=kind, metric="l2", bytes_per_vector=bytes_per_vector)  # type: ignore[arg-type]
+        with _bar() as bar:
+            task = bar.add_task("hidden states", total=None)
+            m = build_datastore(lm.model, docs, out_dir, config, context=min(context, lm.config.max_seq_len),
+                                name=model, on_progress=lambda done, total: bar.update(task, completed=done,
+                                                                                      total=total))  # fmt: skip
+    out.print(
+        f"wrote [bold]{escape(str(out_dir))}[/bold]: {m['count']:,} positions, {m['factory']}", soft_wrap=True
+    )
+
+
 index_app.command()(build)
 index_app.command()(query)
 index_app.command()(stats)
+index_app.command()(datastore)

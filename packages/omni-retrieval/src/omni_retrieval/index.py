@@ -9,7 +9,8 @@ an interrupted build leaves nothing that looks like an index.
 `ShardedIndex.open(folder, budget_bytes)` maps shards in on demand (faiss's memory-mapped reading,
 flat codes included) and keeps at most `budget_bytes` of them open, closing the least recently used
 first; a search visits every shard and merges the per-shard top k. Vectors are compared by inner
-product: normalise them for cosine similarity.
+product (normalise them for cosine similarity) or by L2 distance; scores are "higher is closer" either
+way (L2: the negated squared distance).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ Progress = Callable[[str, int, int], None]
 @dataclass(frozen=True)
 class IndexConfig:
     kind: Kind = "auto"
+    metric: Literal["ip", "l2"] = "ip"
     bytes_per_vector: int | None = None  # PQ code size (bytes = sub-quantizers of 8 bits); None: from target
     target_bytes: int | None = None  # the whole index; auto picks the kind and code size to fit it
     nlist: int | None = None  # IVF lists; None: about 4 sqrt(n)
@@ -48,6 +50,8 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "flat", "pq", "ivfpq"):
             raise RetrievalError(f"index kind must be auto, flat, pq or ivfpq, got {self.kind!r}")
+        if self.metric not in ("ip", "l2"):
+            raise RetrievalError(f"index metric must be ip or l2, got {self.metric!r}")
         for name in ("bytes_per_vector", "target_bytes", "nlist"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -131,7 +135,8 @@ def build_index(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         report("training", 0, 1)
-        base = faiss.index_factory(dim, p.factory(dim), faiss.METRIC_INNER_PRODUCT)
+        metric = faiss.METRIC_INNER_PRODUCT if config.metric == "ip" else faiss.METRIC_L2
+        base = faiss.index_factory(dim, p.factory(dim), metric)
         if not base.is_trained:
             rng = np.random.default_rng(0)
             sample = x if n <= config.train_vectors else x[rng.choice(n, config.train_vectors, replace=False)]
@@ -153,7 +158,7 @@ def build_index(
             shards.append({"file": name, "start": lo, "count": hi - lo, "bytes": (tmp / name).stat().st_size})
         manifest = {"format": FORMAT, "version": VERSION, "dim": dim, "count": n, "kind": p.kind,
                     "factory": p.factory(dim), "code_bytes": p.code_bytes(dim), "nlist": p.nlist,
-                    "nprobe": config.nprobe, "metric": "inner_product", "shards": shards,
+                    "nprobe": config.nprobe, "metric": config.metric, "shards": shards,
                     "config": asdict(config), "meta": meta or {}}  # fmt: skip
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (tmp / BUDGET).write_text(json.dumps(budget_profile(manifest), indent=1))
@@ -219,6 +224,8 @@ def read_manifest(folder: str | Path) -> dict:
         dim, count, shards = m["dim"], m["count"], m["shards"]
         if not (isinstance(dim, int) and 0 < dim < 1 << 16 and isinstance(count, int) and count >= 0):
             raise RetrievalError(f"{path}: dim and count must be positive integers")
+        if m.get("metric") not in ("ip", "l2"):
+            raise RetrievalError(f"{path}: metric must be ip or l2, got {m.get('metric')!r}")
         start = 0
         for s in shards:
             f = s["file"]
@@ -315,6 +322,9 @@ class ShardedIndex:
         order = list(self._open) + [i for i in range(len(self.manifest["shards"])) if i not in self._open]
         for i in order:  # open shards first: no load wasted on a shard about to be evicted
             d, j = self._shard(i).search(q, k)
+            if self.manifest["metric"] == "l2":
+                d = -d  # higher is closer, as for inner product
+            d = np.where(j >= 0, d, -np.inf)
             j = np.where(j >= 0, j + self.manifest["shards"][i]["start"], -1)
             scores, ids = np.concatenate([scores, d], axis=1), np.concatenate([ids, j], axis=1)
             top = np.argsort(-scores, axis=1, kind="stable")[:, :k]

@@ -32,8 +32,7 @@ class TorchEngine:
     def seq_len(self) -> int:
         return self._cache.seq_len
 
-    @torch.inference_mode()
-    def forward(self, ids: Sequence[int], last_only: bool = True) -> np.ndarray:
+    def _check(self, ids: Sequence[int]) -> None:
         n = len(ids)
         if n == 0:
             raise EngineError("forward needs at least one token")
@@ -41,9 +40,13 @@ class TorchEngine:
             raise EngineError(
                 f"{self.seq_len + n} tokens exceed the engine's max_seq_len of {self.max_seq_len}"
             )
-        x = torch.tensor([list(ids)], dtype=torch.long)
-        if int(x.min()) < 0 or int(x.max()) >= self.vocab_size:
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
             raise EngineError(f"token ids must be in 0..{self.vocab_size - 1}")
+
+    @torch.inference_mode()
+    def forward(self, ids: Sequence[int], last_only: bool = True) -> np.ndarray:
+        self._check(ids)
+        x = torch.tensor([list(ids)], dtype=torch.long)
         return self.model(x, cache=self._cache, last_only=last_only)[0].numpy()
 
     @torch.inference_mode()  # caches may write on rollback and reset (buffers made under inference mode)

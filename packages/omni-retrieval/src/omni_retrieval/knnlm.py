@@ -1,0 +1,121 @@
+"""kNN-LM (Khandelwal et al. 2020): the model's next-token distribution mixed with one read off the
+nearest neighbours of its current hidden state in a datastore of (hidden state, next token) pairs.
+
+The datastore is an index folder (omni_retrieval.index, L2 distance) whose vector i is the final
+hidden state (the lm_head's input) at some position of a corpus and whose `values.npy` entry i is the
+token that followed. At a position with hidden state h, the k nearest keys give
+p_knn(v) = sum over neighbours with value v of softmax(-d / temperature), and the prediction is
+p = lambda * p_knn + (1 - lambda) * p_lm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omni_retrieval.errors import RetrievalError
+from omni_retrieval.index import IndexConfig, ShardedIndex, build_index, read_manifest
+
+VALUES = "values.npy"
+
+
+@dataclass(frozen=True)
+class KNNConfig:
+    k: int = 16
+    lam: float = 0.25  # weight of the neighbours' distribution
+    temperature: float = 10.0  # on squared L2 distances
+    budget_bytes: int | None = None  # resident shards while searching
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or not 0.0 <= self.lam <= 1.0 or self.temperature <= 0:
+            raise RetrievalError(f"kNN-LM needs k >= 1, 0 <= lambda <= 1, temperature > 0; got {self}")
+
+
+@torch.inference_mode()
+def build_datastore(
+    model, documents: Sequence[Sequence[int]], out: str | Path, config: IndexConfig | None = None, *,
+    context: int = 512, name: str = "", on_progress: Callable[[int, int], None] | None = None,
+) -> dict:  # fmt: skip
+    """Hidden states of every position (but each document's last) keyed to the token after it, in
+    windows of `context` tokens; written as an L2 index folder with values.npy."""
+    keys, values = [], []
+    total = sum(len(d) for d in documents)
+    done = 0
+    for doc in documents:
+        ids = torch.as_tensor(list(doc), dtype=torch.long)
+        for s in range(0, ids.numel() - 1, context):
+            w = ids[s : s + context + 1]  # the window and the token after it
+            h = model.hidden_states(w[None, :-1])[0]  # (T, D)
+            keys.append(h.float().numpy())
+            values.append(w[1:].numpy().astype(np.int32))
+            done += w.numel() - 1
+            if on_progress is not None:
+                on_progress(done, total)
+    if not keys:
+        raise RetrievalError("a kNN-LM datastore needs documents of at least 2 tokens")
+    vals = np.concatenate(values)
+    cfg = config or IndexConfig(kind="auto", metric="l2")
+    if cfg.metric != "l2":
+        raise RetrievalError("a kNN-LM datastore compares hidden states by L2 distance (metric='l2')")
+
+    def extra(folder: Path) -> None:
+        np.save(folder / VALUES, vals)
+
+    meta = {
+        "knnlm": {
+            "model": name,
+            "vocab_size": model.config.vocab_size,
+            "dim": model.config.dim,
+            "values": VALUES,
+        }
+    }
+    return build_index(np.concatenate(keys), out, cfg, meta=meta, extra=extra)
+
+
+class KNNLM:
+    """A datastore opened for mixing into a model's predictions."""
+
+    def __init__(
+        self, folder: str | Path, config: KNNConfig | None = None, *, vocab_size: int, dim: int
+    ) -> None:
+        self.config = config or KNNConfig()
+        folder = Path(folder)
+        m = read_manifest(folder)
+        info = m["meta"].get("knnlm")
+        if not info:
+            raise RetrievalError(f"{folder}: not a kNN-LM datastore (built by build_datastore)")
+        if (info["vocab_size"], info["dim"]) != (vocab_size, dim):
+            raise RetrievalError(f"{folder}: a datastore for vocab {info['vocab_size']} and hidden size {info['dim']}; "
+                                 f"this model has {vocab_size} and {dim}")  # fmt: skip
+        try:
+            self.values = np.load(folder / VALUES, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise RetrievalError(
+                f"{folder / VALUES}: not readable: {' '.join(str(e).split())[:120]}"
+            ) from None
+        if self.values.shape != (m["count"],) or self.values.dtype.kind not in "iu":
+            raise RetrievalError(
+                f"{folder / VALUES}: expected {m['count']} token ids, got {self.values.dtype} {self.values.shape}"
+            )
+        if self.values.size and (int(self.values.max()) >= vocab_size or int(self.values.min()) < 0):
+            raise RetrievalError(f"{folder / VALUES}: token ids outside the vocabulary of {vocab_size}")
+        self.index = ShardedIndex(folder, self.config.budget_bytes)
+        self.vocab_size = vocab_size
+
+    def mix(self, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (T, V) of lambda * p_knn + (1 - lambda) * p_lm for logits (T, V) and the
+        hidden states (T, D) that produced them."""
+        c = self.config
+        scores, ids = self.index.search(hidden.float().numpy(), c.k)  # scores: -squared distance
+        w = torch.from_numpy(scores / c.temperature).float()
+        w = torch.where(torch.from_numpy(ids >= 0), w, torch.full_like(w, -torch.inf)).softmax(
+            dim=-1
+        )  # (T, k)
+        tok = torch.from_numpy(np.where(ids >= 0, self.values[np.maximum(ids, 0)], 0).astype(np.int64))
+        p_knn = torch.zeros(logits.shape[0], self.vocab_size).scatter_add_(1, tok, w)
+        p = c.lam * p_knn + (1 - c.lam) * logits.float().softmax(dim=-1)
+        return p.clamp_min(1e-30).log()
