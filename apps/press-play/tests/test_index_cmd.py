@@ -86,3 +86,21 @@ def test_knn_datastore_lowers_perplexity_on_its_own_text(tiny_model_dir, text_fi
     gen = runner.invoke(cli.app, ["generate", "To be", "--raw", "-n", "8", "--temperature", "0", "--model",
                                   str(tiny_model_dir), "--knn", str(tmp_path / "ds")])  # fmt: skip
     assert gen.exit_code == 0 and gen.stdout.strip(), gen.output
+
+
+def test_generate_with_rag_reports_its_sources(tiny_model_dir, tmp_path):
+    src = tmp_path / "docs"
+    src.mkdir()
+    for name, text in PASSAGES.items():
+        (src / name).write_text(text, encoding="utf-8")
+    idx = tmp_path / "idx"
+    result = runner.invoke(cli.app, ["index", "build", str(src), "--out", str(idx), "--model", str(tiny_model_dir),
+                                     "--chunk-tokens", "16", "--kind", "flat"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    gen = ["generate", "Or to take arms against a sea of troubles", "-n", "6", "--temperature", "0",
+           "--model", str(tiny_model_dir), "--rag", str(idx), "--rag-k", "2"]  # fmt: skip
+    result = runner.invoke(cli.app, gen)
+    assert result.exit_code == 0, result.output
+    assert "[1] sea.txt" in result.stderr and "[2]" in result.stderr  # the best passage comes from sea.txt
+    result = runner.invoke(cli.app, [*gen, "--raw"])
+    assert result.exit_code == 1 and "does not combine with --raw" in result.output

@@ -6,10 +6,13 @@ the SmolLM2 model card's (temperature 0.2, top-p 0.9); --temperature 0 is greedy
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
+from omni_model.errors import DataError
 from omni_model.sampling_config import SamplingConfig
 from omni_model.zoo import DEFAULT_MODEL
 from press_play.common import Runner, err, open_runner, reporting_errors
@@ -102,6 +105,13 @@ def generate(
         bool,
         typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template, or send it as is."),
     ] = True,
+    rag: Annotated[
+        str | None,
+        typer.Option(
+            "--rag", help="An index of text (press-play index build): put its nearest chunks in the prompt."
+        ),
+    ] = None,
+    rag_k: Annotated[int, typer.Option("--rag-k", min=1, help="Chunks to retrieve with --rag.")] = 3,
 ) -> None:
     """Generate text from a prompt, streamed to stdout; tokens/s goes to stderr."""
     with reporting_errors():
@@ -110,5 +120,18 @@ def generate(
             repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop or ()),
         )  # fmt: skip
         runner = open_runner(model, engine, kv, knn)
-        text = chat_prompt(runner, [{"role": "user", "content": prompt}]) if chat else prompt
+        messages = [{"role": "user", "content": prompt}]
+        sources = []
+        if rag is not None:
+            if not chat:
+                raise DataError("--rag puts passages in chat messages; it does not combine with --raw")
+            from omni_retrieval.rag import Retriever, rag_messages
+
+            sources = Retriever(rag)(prompt, rag_k)
+            messages = rag_messages(prompt, sources)
+        text = chat_prompt(runner, messages) if chat else prompt
         stream_reply(runner, text, config)
+        for i, src in enumerate(sources, 1):
+            err.print(
+                f"[dim][{i}] {escape(Path(src.file).name)}, token {src.start}, score {src.score:.3f}[/dim]"
+            )
