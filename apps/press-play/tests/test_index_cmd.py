@@ -16,15 +16,21 @@ PASSAGES = {
 }
 
 
-def test_build_query_stats(tiny_model_dir, tmp_path):
+def build_passages_index(model_dir, tmp_path, *extra: str):
+    """PASSAGES as a folder of text, indexed (flat, 16-token chunks) into tmp_path/idx."""
     src = tmp_path / "docs"
     src.mkdir()
     for name, text in PASSAGES.items():
         (src / name).write_text(text, encoding="utf-8")
     idx = tmp_path / "idx"
-    result = runner.invoke(cli.app, ["index", "build", str(src), "--out", str(idx), "--model", str(tiny_model_dir),
-                                     "--chunk-tokens", "16", "--kind", "flat", "--budget", "1MB"])  # fmt: skip
+    result = runner.invoke(cli.app, ["index", "build", str(src), "--out", str(idx), "--model", str(model_dir),
+                                     "--chunk-tokens", "16", "--kind", "flat", *extra])  # fmt: skip
     assert result.exit_code == 0, result.output
+    return idx
+
+
+def test_build_query_stats(tiny_model_dir, tmp_path):
+    idx = build_passages_index(tiny_model_dir, tmp_path, "--budget", "1MB")
     chunks = [json.loads(line) for line in (idx / "chunks.jsonl").read_text().splitlines()]
     assert {c["file"].split("/")[-1] for c in chunks} == set(PASSAGES) and len(chunks) > 4
     assert json.loads((idx / "budget.json").read_text())["budget_bytes"] == 10**6
@@ -89,14 +95,7 @@ def test_knn_datastore_lowers_perplexity_on_its_own_text(tiny_model_dir, text_fi
 
 
 def test_generate_with_rag_reports_its_sources(tiny_model_dir, tmp_path):
-    src = tmp_path / "docs"
-    src.mkdir()
-    for name, text in PASSAGES.items():
-        (src / name).write_text(text, encoding="utf-8")
-    idx = tmp_path / "idx"
-    result = runner.invoke(cli.app, ["index", "build", str(src), "--out", str(idx), "--model", str(tiny_model_dir),
-                                     "--chunk-tokens", "16", "--kind", "flat"])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    idx = build_passages_index(tiny_model_dir, tmp_path)
     gen = ["generate", "Or to take arms against a sea of troubles", "-n", "6", "--temperature", "0",
            "--model", str(tiny_model_dir), "--rag", str(idx), "--rag-k", "2"]  # fmt: skip
     result = runner.invoke(cli.app, gen)

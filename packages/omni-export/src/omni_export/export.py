@@ -37,6 +37,7 @@ from omni_export.onnx_decoder import (
 )
 from omni_export.session import OnnxDecoder
 from omni_export.weights import QuantLinear, float_weights, quantized_weights
+from omni_model.files import replace_dir
 from omni_model.loader import resolve_source
 
 MANIFEST = "manifest.json"
@@ -146,7 +147,7 @@ def export_onnx(
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 and mkstemp-like 0600 are for the temporary name only
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out, marker=MANIFEST, what="an exported model", error=ExportError)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -220,19 +221,3 @@ def _config_json(cfg) -> dict[str, Any]:
         return v
 
     return convert(dataclasses.asdict(cfg))
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing export there is replaced only once the new
-    one is complete."""
-    if out.exists():
-        if not (out / MANIFEST).is_file():
-            raise ExportError(
-                f"{out}: exists and is not an exported model (no {MANIFEST}); not overwriting it"
-            )
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)

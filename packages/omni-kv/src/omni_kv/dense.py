@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from omni_kv.protocol import CacheFullError, KVCacheError, SequenceCache
+from omni_kv.protocol import CacheFullError, KVCacheError, SequenceCache, check_dims
 
 
 class DenseKVCache(SequenceCache):
@@ -26,13 +26,9 @@ class DenseKVCache(SequenceCache):
         device: torch.device | str = "cpu",
         v_head_dim: int | None = None,
     ) -> None:
-        if n_layers <= 0 or n_kv_heads <= 0 or head_dim <= 0 or batch_size <= 0:
-            raise KVCacheError(
-                f"cache dimensions must be positive, got n_layers={n_layers}, n_kv_heads={n_kv_heads}, "
-                f"head_dim={head_dim}, batch_size={batch_size}"
-            )
-        if max_len is not None and max_len <= 0:
-            raise KVCacheError(f"max_len must be positive, got {max_len}")
+        check_dims(
+            max_len, n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, batch_size=batch_size
+        )
         self.n_layers, self.max_len, self.dtype = n_layers, max_len, dtype
         self._shape_k = (batch_size, n_kv_heads, head_dim)
         self._shape_v = (batch_size, n_kv_heads, v_head_dim or head_dim)

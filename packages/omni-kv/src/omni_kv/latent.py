@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from omni_kv.protocol import CacheFullError, KVCacheError, SequenceCache
+from omni_kv.protocol import CacheFullError, KVCacheError, SequenceCache, check_dims
 
 
 class LatentKVCache(SequenceCache):
@@ -28,13 +28,9 @@ class LatentKVCache(SequenceCache):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
-        if min(n_layers, kv_lora_rank, rope_dim, batch_size) <= 0:
-            raise KVCacheError(
-                f"cache dimensions must be positive, got n_layers={n_layers}, kv_lora_rank={kv_lora_rank}, "
-                f"rope_dim={rope_dim}, batch_size={batch_size}"
-            )
-        if max_len is not None and max_len <= 0:
-            raise KVCacheError(f"max_len must be positive, got {max_len}")
+        check_dims(
+            max_len, n_layers=n_layers, kv_lora_rank=kv_lora_rank, rope_dim=rope_dim, batch_size=batch_size
+        )
         self.n_layers, self.kv_lora_rank, self.rope_dim = n_layers, kv_lora_rank, rope_dim
         self.max_len, self.dtype, self.batch_size = max_len, dtype, batch_size
         cap = max_len if max_len is not None else 256

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from omni_kv.protocol import KVCacheError, SequenceCache
+from omni_kv.protocol import KVCacheError, SequenceCache, check_dims
 
 _BLOCK_BYTES = 1 << 20  # file bytes per layer per block: one layer's pages lie together in it
 _GATHER_PAGES = 32  # pool pages gathered per op: bounds the scratch an update holds besides its output
@@ -65,11 +65,7 @@ class PagedKVCache(SequenceCache):
         spill_dir: str | Path | None = None,
         prefetch: bool = True,
     ) -> None:
-        if n_layers <= 0 or n_kv_heads <= 0 or head_dim <= 0 or batch_size <= 0:
-            raise KVCacheError(
-                f"cache dimensions must be positive, got n_layers={n_layers}, n_kv_heads={n_kv_heads}, "
-                f"head_dim={head_dim}, batch_size={batch_size}"
-            )
+        check_dims(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, batch_size=batch_size)
         if page_tokens <= 0:
             raise KVCacheError(f"page_tokens must be positive, got {page_tokens}")
         dv = v_head_dim or head_dim

@@ -20,6 +20,15 @@ class CacheFullError(KVCacheError):
     """The cache has no room for the tokens being added."""
 
 
+def check_dims(max_len: int | None = None, **dims: int) -> None:
+    """One-line errors for cache sizes: every named dimension positive, max_len None or positive."""
+    if min(dims.values()) <= 0:
+        got = ", ".join(f"{k}={v}" for k, v in dims.items())
+        raise KVCacheError(f"cache dimensions must be positive, got {got}")
+    if max_len is not None and max_len <= 0:
+        raise KVCacheError(f"max_len must be positive, got {max_len}")
+
+
 @runtime_checkable
 class KVCache(Protocol):
     @property

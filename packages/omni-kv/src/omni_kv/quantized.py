@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from omni_kv.calibration import KVCalibration
-from omni_kv.protocol import CacheFullError, KVCacheError, SequenceCache
+from omni_kv.protocol import CacheFullError, KVCacheError, SequenceCache, check_dims
 
 Format = Literal["int8", "int4", "nf4"]
 Axis = Literal["token", "channel"]
@@ -331,13 +331,9 @@ class QuantizedKVCache(SequenceCache):
     ) -> None:
         """`calibration`: per-channel key statistics (omni_kv.calibration); keys coded per token are
         divided by its scales before coding. Per-channel (KIVI) keys do not need it."""
-        if min(n_layers, n_kv_heads, head_dim, batch_size) <= 0:
-            raise KVCacheError(
-                f"cache dimensions must be positive, got n_layers={n_layers}, n_kv_heads={n_kv_heads}, "
-                f"head_dim={head_dim}, batch_size={batch_size}"
-            )
-        if max_len is not None and max_len <= 0:
-            raise KVCacheError(f"max_len must be positive, got {max_len}")
+        check_dims(
+            max_len, n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, batch_size=batch_size
+        )
         v_dim = v_head_dim or head_dim
         config.keys.check_dim(head_dim)
         config.values.check_dim(v_dim)

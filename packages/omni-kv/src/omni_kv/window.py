@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from omni_kv.protocol import KVCacheError, SequenceCache
+from omni_kv.protocol import KVCacheError, SequenceCache, check_dims
 
 Rotate = Callable[[Tensor, int], Tensor]
 
@@ -48,11 +48,7 @@ class SinkWindowKVCache(SequenceCache):
         v_head_dim: int | None = None,
         max_rollback: int = 16,
     ) -> None:
-        if min(n_layers, n_kv_heads, head_dim, batch_size) <= 0:
-            raise KVCacheError(
-                f"cache dimensions must be positive, got n_layers={n_layers}, n_kv_heads={n_kv_heads}, "
-                f"head_dim={head_dim}, batch_size={batch_size}"
-            )
+        check_dims(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, batch_size=batch_size)
         if sinks < 0:
             raise KVCacheError(f"sinks must be >= 0, got {sinks}")
         if window < 1:

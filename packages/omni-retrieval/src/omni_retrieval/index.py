@@ -29,6 +29,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
+from omni_model.files import replace_dir
 from omni_retrieval.errors import RetrievalError
 
 Kind = Literal["auto", "flat", "pq", "ivfpq"]
@@ -166,7 +167,7 @@ def build_index(
             extra(tmp)
         report("writing", n_shards, n_shards)
         os.chmod(tmp, 0o755)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out, marker=MANIFEST, what="an index", error=RetrievalError)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -195,18 +196,6 @@ def budget_profile(manifest: dict, budget_bytes: int | None = None) -> dict:
         out["budget_bytes"] = budget_bytes
         out["expected_resident_bytes"] = min(total, budget_bytes)
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        if not (out / MANIFEST).is_file():
-            raise RetrievalError(f"{out}: exists and is not an index (no {MANIFEST}); not overwriting it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def read_manifest(folder: str | Path) -> dict:
