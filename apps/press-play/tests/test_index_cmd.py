@@ -1,4 +1,5 @@
-"""press-play index build / query / stats on a folder of text, embedded by the tiny model."""
+"""press-play index build / query / stats on a folder of text, embedded by the tiny model or by
+all-MiniLM-L6-v2."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ PASSAGES = {
 }
 
 
-def build_passages_index(model_dir, tmp_path, *extra: str):
+def build_passages_index(model_dir, tmp_path, *extra: str, embedder: str = "lm"):
     """PASSAGES as a folder of text, indexed (flat, 16-token chunks) into tmp_path/idx."""
     src = tmp_path / "docs"
     src.mkdir()
@@ -24,7 +25,7 @@ def build_passages_index(model_dir, tmp_path, *extra: str):
         (src / name).write_text(text, encoding="utf-8")
     idx = tmp_path / "idx"
     result = runner.invoke(cli.app, ["index", "build", str(src), "--out", str(idx), "--model", str(model_dir),
-                                     "--chunk-tokens", "16", "--kind", "flat", *extra])  # fmt: skip
+                                     "--chunk-tokens", "16", "--kind", "flat", "--embedder", embedder, *extra])  # fmt: skip
     assert result.exit_code == 0, result.output
     return idx
 
@@ -42,6 +43,19 @@ def test_build_query_stats(tiny_model_dir, tmp_path):
     assert "1.000" in first_row
     stats = json.loads(runner.invoke(cli.app, ["index", "stats", str(idx)]).stdout)
     assert stats["count"] == len(chunks) and stats["kind"] == "flat"
+
+
+def test_minilm_finds_the_passage_by_meaning(tiny_model_dir, tmp_path):
+    idx = build_passages_index(tiny_model_dir, tmp_path, embedder="minilm")
+    assert json.loads((idx / "index.json").read_text())["meta"]["embedding"]["kind"] == "minilm"
+    # No words in common with sea.txt's "take arms against a sea of troubles" but the meaning.
+    result = runner.invoke(cli.app, ["index", "query", str(idx), "fighting an ocean of problems", "-k", "1"],
+                           terminal_width=200)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "sea.txt" in result.stdout and "hamlet.txt" not in result.stdout
+    result = runner.invoke(cli.app, ["index", "build", str(idx.parent / "docs"), "--out", str(tmp_path / "x"),
+                                     "--embedder", "bert"])  # fmt: skip
+    assert result.exit_code == 1 and "--embedder bert" in result.output
 
 
 def test_bad_sources_are_one_line(tiny_model_dir, tmp_path):

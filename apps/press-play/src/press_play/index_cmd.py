@@ -42,15 +42,18 @@ def build(
     budget: Annotated[
         str | None, typer.Option("--budget", help="Resident budget to plan for (64MB, ...).")
     ] = None,
+    embedder: Annotated[
+        str, typer.Option("--embedder", help="minilm (all-MiniLM-L6-v2) or lm (the model's hidden states).")
+    ] = "minilm",
     layer: Annotated[
-        int, typer.Option("--layer", help="Hidden-state layer to mean-pool (negative: from the end).")
+        int, typer.Option("--layer", help="lm: hidden-state layer to mean-pool (negative: from the end).")
     ] = -1,
     chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", min=2, help="Tokens per text chunk.")] = 128,
     shard_vectors: Annotated[
         int, typer.Option("--shard-vectors", min=1, help="Vectors per shard file.")
     ] = 65536,
 ) -> None:
-    """Build an index from text (embedded by the model) or from a .npy of embeddings."""
+    """Build an index from text (chunked and embedded) or from a .npy of embeddings."""
     with reporting_errors():
         from omni_kv.spec import parse_size
         from omni_retrieval import IndexConfig, build_index, load_vectors
@@ -66,18 +69,16 @@ def build(
             if source.suffix == ".npy":
                 vectors = load_vectors(source)
             else:
-                import omni_model
-                from omni_retrieval.embed import LMEmbedder, embed_source, write_chunks
+                from omni_retrieval.embed import embed_source, open_embedder, write_chunks
 
-                lm = omni_model.load(model, fuse=False)
+                if embedder not in ("minilm", "lm"):
+                    raise DataError(f"--embedder {embedder}: expected minilm or lm")
+                emb = open_embedder({"kind": embedder, "model": model, "layer": layer})
                 vectors, chunks = embed_source(
-                    source, lm.tokenizer, LMEmbedder(lm.model, layer), chunk_tokens=chunk_tokens,
+                    source, emb.tokenizer, emb, chunk_tokens=chunk_tokens,
                     on_progress=lambda done, total: bar.update(task, completed=done, total=total),
                 )  # fmt: skip
-                meta |= {
-                    "embedding": {"model": model, "layer": layer, "chunk_tokens": chunk_tokens},
-                    "chunks": CHUNKS,
-                }
+                meta |= {"embedding": {**emb.spec, "chunk_tokens": chunk_tokens}, "chunks": CHUNKS}
 
                 def extra(folder: Path) -> None:
                     write_chunks(chunks, folder / CHUNKS)
@@ -107,10 +108,9 @@ def query(
 ) -> None:
     """The chunks nearest to TEXT, embedded as the index's chunks were."""
     with reporting_errors():
-        import omni_model
         from omni_kv.spec import parse_size
         from omni_retrieval import ShardedIndex, read_manifest
-        from omni_retrieval.embed import LMEmbedder, read_chunks
+        from omni_retrieval.embed import open_embedder, read_chunks
 
         m = read_manifest(index_dir)
         emb = m["meta"].get("embedding")
@@ -118,8 +118,7 @@ def query(
             raise DataError(
                 f"{index_dir}: built from vectors, not text; query it from Python with ShardedIndex"
             )
-        lm = omni_model.load(emb["model"], fuse=False)
-        q = LMEmbedder(lm.model, emb["layer"])([lm.tokenizer.encode(text)[: emb["chunk_tokens"]] or [0]])
+        q = open_embedder(emb).embed_text(text, emb["chunk_tokens"])
         index = ShardedIndex(index_dir, None if budget is None else parse_size(budget, "--budget"))
         scores, ids = index.search(q, k)
         chunks = read_chunks(index_dir / m["meta"]["chunks"], ids[0].tolist())

@@ -1,9 +1,14 @@
-"""Text into vectors: chunks of a folder of text files, embedded by the loaded language model.
+"""Text into vectors: chunks of a folder of text files, embedded by a sentence encoder or by the
+loaded language model.
 
-A chunk is `chunk_tokens` tokens of one file (consecutive chunks overlap by `overlap`, an eighth by default). Its vector is
-the mean over its tokens of one layer's hidden states (the residual stream after that layer), L2
-normalised, so inner product is cosine similarity. Chunks are kept as JSON lines beside an index
-(file, start token, text) so that a search can show what it found.
+A chunk is `chunk_tokens` tokens (of the embedder's own tokenizer) of one file; consecutive chunks
+overlap by `overlap`, an eighth by default. Two embedders, both giving L2-normalised vectors, so
+inner product is cosine similarity:
+- "minilm": all-MiniLM-L6-v2 (omni_retrieval.minilm), a sentence encoder trained for retrieval;
+- "lm": the mean over a chunk's tokens of one layer's hidden states of an omni_model decoder.
+An index records its embedder (`Embedder.spec`) in its manifest, so that questions are embedded the
+way its chunks were (`open_embedder`). Chunks are kept as JSON lines beside an index (file, start
+token, text) so that a search can show what it found.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,15 +65,45 @@ def chunk_files(
                 yield Chunk(str(f), s, tokenizer.decode(part)), part
 
 
-class LMEmbedder:
+class Embedder:
+    """Token ids of `tokenizer` -> L2-normalised vectors (n, dim); `spec` reopens it (open_embedder)."""
+
+    tokenizer: Any  # encode(text) -> ids, decode(ids) -> text
+    dim: int
+    spec: dict
+
+    def __call__(self, batch: list[list[int]]) -> np.ndarray: ...
+
+    def embed_text(self, text: str, max_tokens: int) -> np.ndarray:
+        """The (1, dim) vector of `text`'s last `max_tokens` tokens (a question, a query)."""
+        ids = self.tokenizer.encode(text)[-max_tokens:]
+        if not ids:
+            raise RetrievalError("the text to look up is empty")
+        return self([ids])
+
+
+class MiniLMEmbedder(Embedder):
+    def __init__(self, encoder=None) -> None:
+        from omni_retrieval.minilm import SentenceEncoder
+
+        self.encoder = encoder or SentenceEncoder.default()
+        self.tokenizer, self.dim = self.encoder.tokenizer, self.encoder.dim
+        self.spec = {"kind": "minilm", "name": self.encoder.name}
+
+    def __call__(self, batch: list[list[int]]) -> np.ndarray:
+        return self.encoder.embed_ids(batch)
+
+
+class LMEmbedder(Embedder):
     """Mean-pooled hidden states of `layer` (negative counts from the end) of an omni_model decoder."""
 
-    def __init__(self, model, layer: int = -1) -> None:
+    def __init__(self, model, layer: int = -1, *, tokenizer=None, name: str = "") -> None:
         n = len(model.layers)
         if not -n <= layer < n:
             raise RetrievalError(f"layer {layer} is out of range for a model of {n} layers")
-        self.model, self.layer = model, layer % n
+        self.model, self.layer, self.tokenizer = model, layer % n, tokenizer
         self.dim = model.config.dim
+        self.spec = {"kind": "lm", "model": name, "layer": layer}
 
     @torch.inference_mode()
     def __call__(self, batch: list[list[int]]) -> np.ndarray:
@@ -83,6 +119,20 @@ class LMEmbedder:
         finally:
             hook.remove()
         return out
+
+
+def open_embedder(spec: dict, lm=None) -> Embedder:
+    """The embedder an index manifest names; `lm`: an already loaded omni_model LoadedModel to use
+    for an "lm" embedder (None loads the one named)."""
+    kind = spec.get("kind", "lm")  # indices built before MiniLM name no kind
+    if kind == "minilm":
+        return MiniLMEmbedder()
+    if kind != "lm":
+        raise RetrievalError(f"unknown embedder {kind!r} (minilm or lm)")
+    import omni_model
+
+    lm = lm or omni_model.load(spec["model"], fuse=False)
+    return LMEmbedder(lm.model, spec["layer"], tokenizer=lm.tokenizer, name=spec.get("model", ""))
 
 
 def embed_source(

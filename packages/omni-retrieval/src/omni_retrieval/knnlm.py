@@ -36,44 +36,57 @@ class KNNConfig:
 
 
 @torch.inference_mode()
-def build_datastore(
-    model, documents: Sequence[Sequence[int]], out: str | Path, config: IndexConfig | None = None, *,
-    context: int = 512, name: str = "", on_progress: Callable[[int, int], None] | None = None,
-) -> dict:  # fmt: skip
-    """Hidden states of every position (but each document's last) keyed to the token after it, in
-    windows of `context` tokens; written as an L2 index folder with values.npy."""
+def datastore_states(
+    model, documents: Sequence[Sequence[int]], *, context: int = 512,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Keys (N, D) float32, the hidden state (the lm_head's input) at every position of every document
+    but its last, and values (N,) int32, the token after it; the text runs in windows of `context`."""
+    if context < 1:
+        raise RetrievalError(f"context must be >= 1, got {context}")
     keys, values = [], []
-    total = sum(len(d) for d in documents)
+    total = sum(max(len(d) - 1, 0) for d in documents)
     done = 0
     for doc in documents:
         ids = torch.as_tensor(list(doc), dtype=torch.long)
         for s in range(0, ids.numel() - 1, context):
             w = ids[s : s + context + 1]  # the window and the token after it
-            h = model.hidden_states(w[None, :-1])[0]  # (T, D)
-            keys.append(h.float().numpy())
+            keys.append(model.hidden_states(w[None, :-1])[0].float().numpy())
             values.append(w[1:].numpy().astype(np.int32))
             done += w.numel() - 1
             if on_progress is not None:
                 on_progress(done, total)
     if not keys:
         raise RetrievalError("a kNN-LM datastore needs documents of at least 2 tokens")
-    vals = np.concatenate(values)
+    return np.concatenate(keys), np.concatenate(values)
+
+
+def write_datastore(
+    keys: np.ndarray, values: np.ndarray, out: str | Path, config: IndexConfig | None = None, *,
+    vocab_size: int, name: str = "", on_progress: Callable[[str, int, int], None] | None = None,
+) -> dict:  # fmt: skip
+    """An L2 index folder of `keys` with values.npy beside it; returns its manifest."""
+    if keys.ndim != 2 or values.shape != (keys.shape[0],):
+        raise RetrievalError(f"keys {keys.shape} and values {values.shape} do not pair up")
     cfg = config or IndexConfig(kind="auto", metric="l2")
     if cfg.metric != "l2":
         raise RetrievalError("a kNN-LM datastore compares hidden states by L2 distance (metric='l2')")
+    vals = values.astype(np.int32)
 
     def extra(folder: Path) -> None:
         np.save(folder / VALUES, vals)
 
-    meta = {
-        "knnlm": {
-            "model": name,
-            "vocab_size": model.config.vocab_size,
-            "dim": model.config.dim,
-            "values": VALUES,
-        }
-    }
-    return build_index(np.concatenate(keys), out, cfg, meta=meta, extra=extra)
+    meta = {"knnlm": {"model": name, "vocab_size": vocab_size, "dim": keys.shape[1], "values": VALUES}}
+    return build_index(keys, out, cfg, meta=meta, extra=extra, on_progress=on_progress)
+
+
+def build_datastore(
+    model, documents: Sequence[Sequence[int]], out: str | Path, config: IndexConfig | None = None, *,
+    context: int = 512, name: str = "", on_progress: Callable[[int, int], None] | None = None,
+) -> dict:  # fmt: skip
+    """datastore_states of the documents written by write_datastore."""
+    keys, values = datastore_states(model, documents, context=context, on_progress=on_progress)
+    return write_datastore(keys, values, out, config, vocab_size=model.config.vocab_size, name=name)
 
 
 class KNNLM:

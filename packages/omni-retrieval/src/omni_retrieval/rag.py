@@ -1,8 +1,8 @@
 """Retrieval-augmented prompts: the chunks of an index nearest to a question, put in front of it as
 chat messages, with the sources kept for the caller to report.
 
-The index must have been built from text (`press-play index build`): its manifest names the model and
-layer that embedded the chunks, and the question is embedded the same way.
+The index must have been built from text (`press-play index build`): its manifest names the embedder
+of its chunks (all-MiniLM-L6-v2, or a model and layer), and the question is embedded the same way.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from omni_retrieval.embed import LMEmbedder, read_chunks
+from omni_retrieval.embed import open_embedder, read_chunks
 from omni_retrieval.errors import RetrievalError
 from omni_retrieval.index import ShardedIndex, read_manifest
 
@@ -25,29 +25,24 @@ class Source:
 
 class Retriever:
     def __init__(self, folder: str | Path, *, embed_model=None, budget_bytes: int | None = None) -> None:
-        """`embed_model`: an omni_model LoadedModel to embed questions with; None loads the one the
-        index names. It must be the model that embedded the chunks."""
-        import omni_model
-
+        """`embed_model`: an omni_model LoadedModel to embed questions with when the index was embedded
+        by a language model; None loads the one the index names. It must be the model that embedded
+        the chunks."""
         self.folder = Path(folder)
         m = read_manifest(self.folder)
         emb = m["meta"].get("embedding")
         if not emb or not m["meta"].get("chunks"):
             raise RetrievalError(f"{self.folder}: built from vectors, not text: nothing to put in a prompt")
-        lm = embed_model or omni_model.load(emb["model"], fuse=False)
-        if lm.config.dim != m["dim"]:
+        self.embed = open_embedder(emb, embed_model)
+        if self.embed.dim != m["dim"]:
             raise RetrievalError(
-                f"{self.folder}: chunks embedded in {m['dim']} dims; this model makes {lm.config.dim}"
+                f"{self.folder}: chunks embedded in {m['dim']} dims; this embedder makes {self.embed.dim}"
             )
-        self.tokenizer, self.embed = lm.tokenizer, LMEmbedder(lm.model, emb["layer"])
         self.chunk_tokens, self.chunks = emb["chunk_tokens"], self.folder / m["meta"]["chunks"]
         self.index = ShardedIndex(self.folder, budget_bytes)
 
     def __call__(self, question: str, k: int = 3) -> list[Source]:
-        ids = self.tokenizer.encode(question)[-self.chunk_tokens :]
-        if not ids:
-            raise RetrievalError("the question is empty")
-        scores, hits = self.index.search(self.embed([ids]), k)
+        scores, hits = self.index.search(self.embed.embed_text(question, self.chunk_tokens), k)
         found = read_chunks(self.chunks, hits[0].tolist())
         return [Source(c.file, c.start, float(s), c.text) for s, c in zip(scores[0], found, strict=True) if c]
 
