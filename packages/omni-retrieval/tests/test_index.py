@@ -51,6 +51,26 @@ def test_compressed_recall_and_budget(tmp_path, kind):
     assert st.peak_open_bytes <= budget and st.evictions > 0 and st.shard_loads > len(m["shards"])
 
 
+def test_ivf_shards_group_neighbouring_lists(tmp_path):
+    rng = np.random.default_rng(1)  # 8 regions of 8 clusters each: neighbourhoods, as text has topics
+    top = rng.normal(size=(8, 32))
+    centres = np.repeat(top, 8, axis=0) + 0.4 * rng.normal(size=(64, 32))
+    x = (centres[rng.integers(0, 64, 20000)] + 0.1 * rng.normal(size=(20000, 32))).astype(np.float32)
+    m = build_index(x, tmp_path / "i", IndexConfig(kind="ivfpq", bytes_per_vector=8, shard_vectors=2500,
+                                                   nprobe=4, nlist=64))  # fmt: skip
+    assert len(m["shards"]) >= 8 and sorted(j for s in m["shards"] for j in s["lists"]) == list(range(64))
+    idx = ShardedIndex(tmp_path / "i")
+    # A query probes 4 lists; grouped by neighbourhood, they sit in fewer shards than 4 at random would.
+    touched = [len(idx.shards_for(x[i : i + 1])) for i in range(200)]
+    assert np.mean(touched) < 2.0 and max(touched) <= 4, np.mean(touched)
+    free = ShardedIndex(tmp_path / "i")
+    budget = ShardedIndex(tmp_path / "i", budget_bytes=max(s["bytes"] for s in m["shards"]))
+    for i in range(50):  # one query at a time, as a phone asks: the same answers under the budget
+        a, b = free.search(x[i : i + 1], 10), budget.search(x[i : i + 1], 10)
+        assert np.array_equal(a[1], b[1])
+    assert budget.stats.peak_open_bytes <= budget.budget_bytes
+
+
 def test_plan_from_a_target_size():
     assert plan(64, 100_000, IndexConfig(target_bytes=100_000 * 16)).m == 16
     assert plan(64, 100_000, IndexConfig(target_bytes=100_000 * 16)).kind == "ivfpq"
@@ -91,8 +111,17 @@ def test_bad_input_is_one_line(tmp_path):
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(RetrievalError, match="truncated or replaced"):
         ShardedIndex(tmp_path / "i")
-    shard.write_bytes(b"\0" * len(data))
-    with pytest.raises(RetrievalError, match="faiss cannot read it"):
+    shard.write_bytes(b"\0" * len(data))  # (np.load takes zeros for a pickle, and refuses it)
+    with pytest.raises(RetrievalError, match="not a readable shard"):
         ShardedIndex(tmp_path / "i").search(x[:1])
+    with shard.open("wb") as f:  # well-formed arrays that do not fit the head
+        np.savez(f, sizes=np.array([2]), ids=np.array([0, 1]), codes=np.zeros((2, 3), np.uint8))
+    shard.write_bytes(shard.read_bytes()[: len(data)].ljust(len(data), b"\0"))
+    with pytest.raises(RetrievalError, match=r"not a readable shard|do not match"):
+        ShardedIndex(tmp_path / "i").search(x[:1])
+    head = tmp_path / "i" / "head.faiss"
+    head.write_bytes(b"\0" * head.stat().st_size)
+    with pytest.raises(RetrievalError, match=r"head\.faiss: faiss cannot read it"):
+        ShardedIndex(tmp_path / "i")
     with pytest.raises(RetrievalError, match=r"no index\.json"):
         ShardedIndex(tmp_path)

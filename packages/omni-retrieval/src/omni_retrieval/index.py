@@ -1,14 +1,17 @@
 """Sharded faiss indices on disk, searched under a resident-memory budget.
 
-`build_index(vectors, out)` trains one quantizer (Flat, PQ or IVF-PQ; sizes chosen from a byte
-target when not given), adds the vectors shard by shard and writes each shard as its own faiss file,
-plus `index.json` (what was built) and `budget.json` (bytes per vector, shard sizes, the resident
-bytes a budget implies). The folder is written under a temporary name and renamed when complete:
-an interrupted build leaves nothing that looks like an index.
+Every kind is a faiss IVF index: IVF-PQ as such, PQ as IVF with one list (every code is scanned),
+Flat as one list of raw vectors. `build_index(vectors, out)` trains it once (sizes chosen from a byte
+target when not given) and writes the trained, empty index as `head.faiss` (coarse centroids, PQ
+codebooks) and the vectors, shard by shard, as faiss inverted lists of their own (`shard-*.ivl`:
+codes and ids), plus `index.json` (what was built) and `budget.json` (bytes per vector, shard sizes,
+the resident bytes a budget implies). Nothing trained is stored twice. The folder is written under a
+temporary name and renamed when complete: an interrupted build leaves nothing that looks like an
+index.
 
-`ShardedIndex.open(folder, budget_bytes)` maps shards in on demand (faiss's memory-mapped reading,
-flat codes included) and keeps at most `budget_bytes` of them open, closing the least recently used
-first; a search visits every shard and merges the per-shard top k. Vectors are compared by inner
+`ShardedIndex(folder, budget_bytes)` keeps the head in memory and reads shards in on demand, keeping
+at most `budget_bytes` of them loaded and dropping the least recently used first; a search runs the
+head over each shard's lists in turn and merges the per-shard top k. Vectors are compared by inner
 product (normalise them for cosine similarity) or by L2 distance; scores are "higher is closer" either
 way (L2: the negated squared distance).
 """
@@ -22,6 +25,7 @@ import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,7 +37,7 @@ from omni_model.files import replace_dir
 from omni_retrieval.errors import RetrievalError
 
 Kind = Literal["auto", "flat", "pq", "ivfpq"]
-MANIFEST, BUDGET, FORMAT, VERSION = "index.json", "budget.json", "omnicoder-index", 1
+MANIFEST, BUDGET, HEAD, FORMAT, VERSION = "index.json", "budget.json", "head.faiss", "omnicoder-index", 2
 Progress = Callable[[str, int, int], None]
 
 
@@ -68,7 +72,9 @@ class Plan:
     nlist: int  # 0 unless IVF
 
     def factory(self, dim: int) -> str:
-        return {"flat": "Flat", "pq": f"PQ{self.m}", "ivfpq": f"IVF{self.nlist},PQ{self.m}"}[self.kind]
+        return {"flat": "IVF1,Flat", "pq": f"IVF1,PQ{self.m}", "ivfpq": f"IVF{self.nlist},PQ{self.m}"}[
+            self.kind
+        ]
 
     def code_bytes(self, dim: int) -> int:
         return 4 * dim if self.kind == "flat" else self.m
@@ -119,6 +125,63 @@ def _check_vectors(vectors: np.ndarray, what: str) -> np.ndarray:
     return v
 
 
+@contextmanager
+def _blas_assignment():
+    """k-means assigns points to centroids through BLAS, whatever the count. faiss's default loops
+    over pairs below 128,000 points and is an order slower for PQ's low-dimensional sub-spaces
+    (576 dims as PQ144: 99 s against 9 s to train on 20k points, one thread)."""
+    old = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = 0
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = old
+
+
+def _list_groups(ivf, sizes: np.ndarray, per_shard: int) -> list[np.ndarray]:
+    """The IVF lists split into shards of about `per_shard` vectors, neighbouring lists together: the
+    coarse centroids are clustered into as many groups as shards, and lists are taken group by group
+    (nearest first) until a shard is full. A query's nearest lists then sit in few shards."""
+    n_shards = max(1, -(-int(sizes.sum()) // per_shard))
+    nonempty = np.flatnonzero(sizes)
+    if n_shards == 1 or len(nonempty) <= n_shards:
+        return [nonempty] if n_shards == 1 else [nonempty[i : i + 1] for i in range(len(nonempty))]
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)[nonempty]
+    km = faiss.Kmeans(centroids.shape[1], n_shards, niter=20, seed=0, min_points_per_centroid=1)
+    with _blas_assignment():
+        km.train(centroids)
+    dist, group = km.index.search(centroids, 1)
+    order = nonempty[np.lexsort((dist[:, 0], group[:, 0]))]  # group by group, nearest the middle first
+    out, cur, filled = [], [], 0
+    for j in order:
+        if cur and filled + sizes[j] > per_shard:
+            out.append(np.array(cur, np.int64))
+            cur, filled = [], 0
+        cur.append(j)
+        filled += sizes[j]
+    out.append(np.array(cur, np.int64))
+    return out
+
+
+def _write_shard(
+    path: Path, lists, group: np.ndarray, nlist: int, code_size: int, rows: tuple[int, int] | None
+) -> int:
+    """Lists `group` of `lists` (only entries rows[0]:rows[1] of a one-list group when given) as .npz
+    arrays: sizes (nlist,), ids (n,), codes (n, code_size). Returns n."""
+    sizes, ids, codes = np.zeros(nlist, np.int64), [], []
+    for j in sorted(group.tolist()):  # in list order: the reader cuts the arrays by `sizes`
+        n = lists.list_size(j)
+        lo, hi = rows or (0, n)
+        sizes[j] = hi - lo
+        ids.append(faiss.rev_swig_ptr(lists.get_ids(j), n)[lo:hi].copy())
+        codes.append(
+            faiss.rev_swig_ptr(lists.get_codes(j), n * code_size)[lo * code_size : hi * code_size].copy()
+        )
+    with path.open("wb") as f:
+        np.savez(f, sizes=sizes, ids=np.concatenate(ids), codes=np.concatenate(codes).reshape(-1, code_size))
+    return int(sizes.sum())
+
+
 def build_index(
     vectors: np.ndarray, out: str | Path, config: IndexConfig | None = None, *, meta: dict | None = None,
     on_progress: Progress | None = None, extra: Callable[[Path], None] | None = None,
@@ -137,35 +200,49 @@ def build_index(
     try:
         report("training", 0, 1)
         metric = faiss.METRIC_INNER_PRODUCT if config.metric == "ip" else faiss.METRIC_L2
-        base = faiss.index_factory(dim, p.factory(dim), metric)
-        if not base.is_trained:
-            rng = np.random.default_rng(0)
-            sample = x if n <= config.train_vectors else x[rng.choice(n, config.train_vectors, replace=False)]
-            pq = getattr(base, "pq", None) or getattr(faiss.try_extract_index_ivf(base), "pq", None)
-            if (
-                pq is not None
-            ):  # fewer than faiss's 39 points per centroid is the data's size: no warning print
-                pq.cp.min_points_per_centroid = min(39, len(sample) // 256)
-            base.train(sample)
+        head = faiss.index_factory(dim, p.factory(dim), metric)
+        rng = np.random.default_rng(0)
+        sample = (
+            x if n <= config.train_vectors else x[np.sort(rng.choice(n, config.train_vectors, replace=False))]
+        )
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(head))  # IndexIVFPQ, with its .pq
+        # Fewer than faiss's 39 points per centroid is the data's size: no warning print.
+        ivf.cp.min_points_per_centroid = max(1, min(39, len(sample) // ivf.nlist))
+        pq = getattr(ivf, "pq", None)
+        if pq is not None:  # fewer than faiss's 39 points per centroid is the data's size: no warning print
+            pq.cp.min_points_per_centroid = min(39, len(sample) // 256)
+        with _blas_assignment():
+            head.train(sample)
+        faiss.write_index(head, str(tmp / HEAD))
+        report("adding vectors", 0, 1)
+        full = faiss.clone_index(head)
+        full.add_with_ids(x, np.arange(n, dtype=np.int64))
+        lists = faiss.extract_index_ivf(full).invlists
+        sizes = np.array([lists.list_size(j) for j in range(ivf.nlist)], np.int64)
+        per = config.shard_vectors
+        if ivf.nlist == 1:  # one list (PQ, Flat): split by vector range
+            groups = [(np.zeros(1, np.int64), (lo, min(n, lo + per))) for lo in range(0, n, per)]
+        else:
+            groups = [(g, None) for g in _list_groups(ivf, sizes, per)]
         shards = []
-        n_shards = -(-n // config.shard_vectors)
-        for s in range(n_shards):
-            report("adding vectors", s, n_shards)
-            lo, hi = s * config.shard_vectors, min(n, (s + 1) * config.shard_vectors)
-            index = faiss.clone_index(base)
-            index.add(x[lo:hi])
-            name = f"shard-{s:05d}.faiss"
-            faiss.write_index(index, str(tmp / name))
-            shards.append({"file": name, "start": lo, "count": hi - lo, "bytes": (tmp / name).stat().st_size})
+        for s, (group, rows) in enumerate(groups):
+            report("writing shards", s, len(groups))
+            name = f"shard-{s:05d}.npz"
+            count = _write_shard(tmp / name, lists, group, ivf.nlist, ivf.code_size, rows)
+            shards.append(
+                {"file": name, "count": count, "lists": group.tolist(), "bytes": (tmp / name).stat().st_size}
+            )
+        del full, lists
         manifest = {"format": FORMAT, "version": VERSION, "dim": dim, "count": n, "kind": p.kind,
                     "factory": p.factory(dim), "code_bytes": p.code_bytes(dim), "nlist": p.nlist,
                     "nprobe": config.nprobe, "metric": config.metric, "shards": shards,
+                    "head": {"file": HEAD, "bytes": (tmp / HEAD).stat().st_size},
                     "config": asdict(config), "meta": meta or {}}  # fmt: skip
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (tmp / BUDGET).write_text(json.dumps(budget_profile(manifest), indent=1))
         if extra is not None:
             extra(tmp)
-        report("writing", n_shards, n_shards)
+        report("writing shards", len(groups), len(groups))
         os.chmod(tmp, 0o755)
         replace_dir(tmp, out, marker=MANIFEST, what="an index", error=RetrievalError)
     except BaseException:
@@ -187,14 +264,16 @@ def load_vectors(path: str | Path) -> np.ndarray:
 
 
 def budget_profile(manifest: dict, budget_bytes: int | None = None) -> dict:
+    """Bytes on disk and in memory: the head is always resident, shards up to the budget."""
     sizes = [s["bytes"] for s in manifest["shards"]]
-    total = sum(sizes)
+    head = manifest["head"]["bytes"]
+    total = head + sum(sizes)
     out = {"bytes_per_vector": total / max(manifest["count"], 1), "code_bytes": manifest["code_bytes"],
            "float32_bytes_per_vector": 4 * manifest["dim"], "compression": 4 * manifest["dim"] / manifest["code_bytes"],
-           "shard_bytes": sizes, "index_bytes": total, "largest_shard_bytes": max(sizes)}  # fmt: skip
+           "head_bytes": head, "shard_bytes": sizes, "index_bytes": total, "largest_shard_bytes": max(sizes)}  # fmt: skip
     if budget_bytes is not None:
         out["budget_bytes"] = budget_bytes
-        out["expected_resident_bytes"] = min(total, budget_bytes)
+        out["expected_resident_bytes"] = head + min(sum(sizes), budget_bytes)
     return out
 
 
@@ -207,28 +286,39 @@ def read_manifest(folder: str | Path) -> dict:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise RetrievalError(f"{path}: not readable JSON: {' '.join(str(e).split())[:160]}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise RetrievalError(f"{path}: not an OmniCoder index manifest (format {FORMAT!r} version {VERSION})")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise RetrievalError(f"{path}: not an OmniCoder index manifest (format {FORMAT!r})")
+    if m.get("version") != VERSION:
+        raise RetrievalError(
+            f"{path}: index format version {m.get('version')!r}; this build reads {VERSION}: rebuild it"
+        )
     try:
         dim, count, shards = m["dim"], m["count"], m["shards"]
         if not (isinstance(dim, int) and 0 < dim < 1 << 16 and isinstance(count, int) and count >= 0):
             raise RetrievalError(f"{path}: dim and count must be positive integers")
         if m.get("metric") not in ("ip", "l2"):
             raise RetrievalError(f"{path}: metric must be ip or l2, got {m.get('metric')!r}")
-        start = 0
+        h = m["head"]
+        if (
+            h.get("file") != HEAD
+            or not (folder / HEAD).is_file()
+            or (folder / HEAD).stat().st_size != h["bytes"]
+        ):
+            raise RetrievalError(f"{folder / HEAD}: missing, or not the size {MANIFEST} gives")
+        held = 0
         for s in shards:
             f = s["file"]
             if not isinstance(f, str) or "/" in f or "\\" in f or f.startswith("."):
                 raise RetrievalError(f"{path}: shard file {f!r} is not a plain name inside the folder")
-            if s["start"] != start or not isinstance(s["count"], int) or s["count"] <= 0:
-                raise RetrievalError(f"{path}: shard {f} does not continue the ids at {start}")
-            start += s["count"]
+            if not isinstance(s["count"], int) or s["count"] <= 0 or not isinstance(s["lists"], list):
+                raise RetrievalError(f"{path}: shard {f} needs a positive count and its list numbers")
+            held += s["count"]
             if not (folder / f).is_file():
                 raise RetrievalError(f"{folder / f}: missing (named by {MANIFEST})")
             if (folder / f).stat().st_size != s["bytes"]:
                 raise RetrievalError(f"{folder / f}: {(folder / f).stat().st_size} bytes, the manifest says {s['bytes']} (truncated or replaced)")  # fmt: skip
-        if start != count:
-            raise RetrievalError(f"{path}: shards hold {start} vectors, the manifest says {count}")
+        if held != count:
+            raise RetrievalError(f"{path}: shards hold {held} vectors, the manifest says {count}")
     except (KeyError, TypeError) as e:
         raise RetrievalError(f"{path}: lacks the field {e}") from None
     return m
@@ -243,7 +333,8 @@ class SearchStats:
 
 
 class ShardedIndex:
-    """An index folder searched with at most `budget_bytes` of shards open at once (None: no limit)."""
+    """An index folder searched with at most `budget_bytes` of shards loaded at once (None: no limit).
+    Not thread-safe: a search swaps each shard's lists into the one head in turn."""
 
     def __init__(
         self, folder: str | Path, budget_bytes: int | None = None, nprobe: int | None = None
@@ -257,7 +348,22 @@ class ShardedIndex:
                 f"a budget of {budget_bytes} bytes is smaller than one shard ({largest} bytes)"
             )
         self.budget_bytes, self.nprobe = budget_bytes, nprobe or m["nprobe"]
-        self._open: OrderedDict[int, faiss.Index] = OrderedDict()
+        self.head = self._read_head()
+        self._ivf = faiss.extract_index_ivf(self.head)
+        self._ivf.nprobe = min(self.nprobe, self._ivf.nlist)
+        # Empty lists of ours, in the head between searches: faiss frees the head's own on the first
+        # swap, and must never free a shard's (Python owns those).
+        self._empty = faiss.ArrayInvertedLists(self._ivf.nlist, self._ivf.code_size)
+        self._ivf.replace_invlists(self._empty, False)
+        self._shard_of = np.full(self._ivf.nlist, -1, np.int64)  # IVF list -> the shard holding it
+        for i, sh in enumerate(m["shards"]):
+            lists = np.asarray(sh["lists"], np.int64)
+            if lists.size == 0 or lists.min() < 0 or lists.max() >= self._ivf.nlist:
+                raise RetrievalError(
+                    f"{self.folder / MANIFEST}: shard {sh['file']} names lists outside 0..{self._ivf.nlist - 1}"
+                )
+            self._shard_of[lists] = i
+        self._open: OrderedDict[int, faiss.InvertedLists] = OrderedDict()
         self._bytes = 0
         self._loads = self._evictions = self._peak = 0
 
@@ -267,37 +373,63 @@ class ShardedIndex:
     ) -> ShardedIndex:
         return cls(folder, budget_bytes, nprobe)
 
-    def _shard(self, i: int) -> faiss.Index:
+    def _read_head(self) -> faiss.Index:
+        path = self.folder / HEAD
+        try:
+            head = faiss.read_index(str(path))
+        except RuntimeError as e:
+            raise RetrievalError(f"{path}: faiss cannot read it: {' '.join(str(e).split())[:160]}") from None
+        ivf = faiss.try_extract_index_ivf(head)
+        if head.d != self.dim or ivf is None or not head.is_trained or head.ntotal != 0:
+            raise RetrievalError(
+                f"{path}: not the trained, empty IVF index of dim {self.dim} {MANIFEST} describes"
+            )
+        return head
+
+    def _shard(self, i: int) -> faiss.InvertedLists:
         if i in self._open:
             self._open.move_to_end(i)
             return self._open[i]
         size = self.manifest["shards"][i]["bytes"]
         while self._open and self.budget_bytes is not None and self._bytes + size > self.budget_bytes:
-            j, _ = self._open.popitem(last=False)
+            j, _ = self._open.popitem(last=False)  # dropping the last reference frees the lists
             self._bytes -= self.manifest["shards"][j]["bytes"]
             self._evictions += 1
-        path = self.folder / self.manifest["shards"][i]["file"]
-        try:
-            # IVF lists and flat/PQ codes each have their own memory-mapped reading in faiss.
-            flag = faiss.IO_FLAG_MMAP if self.manifest["kind"] == "ivfpq" else faiss.IO_FLAG_MMAP_IFC
-            index = faiss.read_index(str(path), flag)
-        except RuntimeError as e:
-            raise RetrievalError(f"{path}: faiss cannot read it: {' '.join(str(e).split())[:160]}") from None
-        if index.d != self.dim or index.ntotal != self.manifest["shards"][i]["count"]:
-            raise RetrievalError(
-                f"{path}: holds {index.ntotal} vectors of dim {index.d}; the manifest says otherwise"
-            )
-        if hasattr(index, "nprobe"):
-            index.nprobe = self.nprobe
-        else:
-            ivf = faiss.try_extract_index_ivf(index)
-            if ivf is not None:
-                ivf.nprobe = self.nprobe
-        self._open[i] = index
+        lists = self._read_shard(i)
+        self._open[i] = lists
         self._bytes += size
         self._loads += 1
         self._peak = max(self._peak, self._bytes)
-        return index
+        return lists
+
+    def _read_shard(self, i: int) -> faiss.ArrayInvertedLists:
+        """Shard i's lists, every array checked against the head and the manifest before faiss sees it."""
+        sh = self.manifest["shards"][i]
+        path = self.folder / sh["file"]
+        nlist, code_size = self._ivf.nlist, self._ivf.code_size
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                sizes, ids, codes = z["sizes"], z["ids"], z["codes"]
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise RetrievalError(f"{path}: not a readable shard: {' '.join(str(e).split())[:160]}") from None
+        n = sh["count"]
+        if (sizes.shape != (nlist,) or sizes.dtype != np.int64 or ids.shape != (n,) or ids.dtype != np.int64
+                or codes.shape != (n, code_size) or codes.dtype != np.uint8 or sizes.min() < 0
+                or int(sizes.sum()) != n or (n and (ids.min() < 0 or ids.max() >= self.count))):  # fmt: skip
+            raise RetrievalError(f"{path}: its arrays do not match {HEAD} and {MANIFEST}")
+        lists = faiss.ArrayInvertedLists(nlist, code_size)
+        ends = np.cumsum(sizes)
+        for j in np.flatnonzero(sizes).tolist():
+            lo, hi = int(ends[j] - sizes[j]), int(ends[j])
+            lists.add_entries(j, hi - lo, faiss.swig_ptr(ids[lo:hi]), faiss.swig_ptr(codes[lo:hi]))
+        return lists
+
+    def shards_for(self, queries: np.ndarray) -> list[int]:
+        """The shards holding the lists the queries probe (every shard for one-list kinds)."""
+        if self._ivf.nlist == 1:
+            return list(range(len(self.manifest["shards"])))
+        _, probed = self._ivf.quantizer.search(queries, self._ivf.nprobe)
+        return sorted(set(self._shard_of[probed[probed >= 0]].tolist()) - {-1})
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids (q, k) of the k best vectors for each query (ids -1 where fewer exist)."""
@@ -308,16 +440,27 @@ class ShardedIndex:
             raise RetrievalError(f"k must be >= 1, got {k}")
         scores = np.full((q.shape[0], 0), -np.inf, np.float32)
         ids = np.zeros((q.shape[0], 0), np.int64)
-        order = list(self._open) + [i for i in range(len(self.manifest["shards"])) if i not in self._open]
-        for i in order:  # open shards first: no load wasted on a shard about to be evicted
-            d, j = self._shard(i).search(q, k)
+        need = self.shards_for(q)
+        order = [i for i in self._open if i in need] + [i for i in need if i not in self._open]
+        for i in order:  # loaded shards first: no load wasted on a shard about to be dropped
+            lists = self._shard(i)
+            self._ivf.replace_invlists(lists, False)
+            self._ivf.ntotal = self.manifest["shards"][i]["count"]
+            try:
+                d, j = self.head.search(q, k)
+            finally:
+                self._ivf.replace_invlists(self._empty, False)
+                self._ivf.ntotal = 0
             if self.manifest["metric"] == "l2":
                 d = -d  # higher is closer, as for inner product
             d = np.where(j >= 0, d, -np.inf)
-            j = np.where(j >= 0, j + self.manifest["shards"][i]["start"], -1)
             scores, ids = np.concatenate([scores, d], axis=1), np.concatenate([ids, j], axis=1)
             top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             scores, ids = np.take_along_axis(scores, top, 1), np.take_along_axis(ids, top, 1)
+        short = k - scores.shape[1]  # fewer than k found (or no shard probed)
+        if short > 0:
+            scores = np.pad(scores, ((0, 0), (0, short)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, short)), constant_values=-1)
         return scores, ids
 
     @property
