@@ -103,6 +103,13 @@ def test_knn_datastore_lowers_perplexity_on_its_own_text(tiny_model_dir, text_fi
     with_knn = runner.invoke(cli.app, [*args, "--knn", str(tmp_path / "ds")])
     assert with_knn.exit_code == 0, with_knn.output
     assert json.loads(with_knn.stdout)["ppl"] < 0.5 * plain
+    # lambda = 0: the model's own predictions, whatever the neighbours say
+    none = runner.invoke(cli.app, [*args, "--knn", str(tmp_path / "ds"), "--knn-settings", "lambda=0,k=4"])
+    assert none.exit_code == 0 and abs(json.loads(none.stdout)["ppl"] / plain - 1) < 1e-4, none.output
+    bad = runner.invoke(cli.app, [*args, "--knn", str(tmp_path / "ds"), "--knn-settings", "lambda=2"])
+    assert bad.exit_code == 1 and "0 <= lambda <= 1" in bad.output
+    bad = runner.invoke(cli.app, [*args, "--knn-settings", "k=4"])
+    assert bad.exit_code == 1 and "--knn-settings needs --knn" in bad.output
     gen = runner.invoke(cli.app, ["generate", "To be", "--raw", "-n", "8", "--temperature", "0", "--model",
                                   str(tiny_model_dir), "--knn", str(tmp_path / "ds")])  # fmt: skip
     assert gen.exit_code == 0 and gen.stdout.strip(), gen.output

@@ -58,3 +58,16 @@ def test_datastore_checks(model, tmp_path):
     (tmp_path / "ds" / "values.npy").write_bytes(b"junk")
     with pytest.raises(RetrievalError, match="not readable"):
         KNNLM(tmp_path / "ds", vocab_size=tiny.VOCAB, dim=model.config.dim)
+
+
+def test_settings_parse_and_refuse_in_one_line():
+    assert KNNConfig.parse("k=64, lambda=0.1,temperature=120") == KNNConfig(k=64, lam=0.1, temperature=120.0)
+    assert KNNConfig.parse("") == KNNConfig()
+    for bad, msg in (
+        ("k=0", "k >= 1"),
+        ("beta=1", "expected k=N"),
+        ("k=x", "not an integer"),
+        ("lambda", "expected"),
+    ):
+        with pytest.raises(RetrievalError, match=msg):
+            KNNConfig.parse(bad)

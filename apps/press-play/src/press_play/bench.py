@@ -365,7 +365,13 @@ def smollm2_config(a: argparse.Namespace) -> BenchConfig:
 
 def suites() -> dict[str, Suite]:
     """Every suite `just bench` runs, in order; a new one is one more entry."""
-    from press_play import bench_kv, bench_mla, bench_moe, bench_onnx  # they build on this module's helpers
+    from press_play import (
+        bench_kv,
+        bench_mla,
+        bench_moe,
+        bench_onnx,
+        bench_retrieval,
+    )  # they build on this module's helpers
 
     def moe_config(a: argparse.Namespace) -> bench_moe.MoEBenchConfig:
         given = {k: getattr(a, k) for k in ("rounds", "threads") if getattr(a, k) is not None}
@@ -393,6 +399,11 @@ def suites() -> dict[str, Suite]:
         cls = bench_kv.KVBenchConfig
         return cls.quick_config(**given) if a.quick else cls(**given)
 
+    def retrieval_config(a: argparse.Namespace) -> bench_retrieval.RetrievalBenchConfig:
+        given = {k: getattr(a, k) for k in ("model", "threads") if getattr(a, k) is not None}
+        cls = bench_retrieval.RetrievalBenchConfig
+        return cls.quick_config(**given) if a.quick else cls(**given)
+
     return {
         "smollm2": Suite(SECTION, smollm2_config, run_bench, render_section),
         "moe": Suite(bench_moe.SECTION, moe_config, bench_moe.run_moe_bench, bench_moe.render_moe_section),
@@ -401,6 +412,12 @@ def suites() -> dict[str, Suite]:
             bench_onnx.SECTION, onnx_config, bench_onnx.run_onnx_bench, bench_onnx.render_onnx_section
         ),
         "kv": Suite(bench_kv.SECTION, kv_config, bench_kv.run_kv_bench, bench_kv.render_kv_section),
+        "retrieval": Suite(
+            bench_retrieval.SECTION,
+            retrieval_config,
+            bench_retrieval.run_retrieval_bench,
+            bench_retrieval.render_retrieval_section,
+        ),
     }
 
 

@@ -18,6 +18,7 @@ from press_play.common import err, open_runner, out, reporting_errors
 from press_play.generate_cmd import (
     EngineOption,
     KNNOption,
+    KNNSettingsOption,
     KVOption,
     MaxNewTokens,
     MinP,
@@ -39,6 +40,7 @@ def chat(
     engine: EngineOption = "auto",
     kv: KVOption = None,
     knn: KNNOption = None,
+    knn_settings: KNNSettingsOption = None,
     system: Annotated[
         str | None, typer.Option("--system", help="A system message that opens the conversation.")
     ] = None,
@@ -56,7 +58,7 @@ def chat(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed,
         )  # fmt: skip
-        runner = open_runner(model, engine, kv, knn)
+        runner = open_runner(model, engine, kv, knn, knn_settings)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     err.print(f"[bold]{escape(runner.source)}[/bold] [dim]({runner.description})[/dim]", soft_wrap=True)

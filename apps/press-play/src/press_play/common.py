@@ -83,7 +83,13 @@ def is_exported(source: str) -> bool:
     return (Path(source) / "manifest.json").is_file()
 
 
-def open_runner(source: str, engine: str = "auto", kv: str | None = None, knn: str | None = None) -> Runner:
+def open_runner(
+    source: str,
+    engine: str = "auto",
+    kv: str | None = None,
+    knn: str | None = None,
+    knn_settings: str | None = None,
+) -> Runner:
     """`engine` "torch" loads the model with omni_model; "onnx" opens an exported folder (press-play
     export) with ONNX Runtime; "auto" picks onnx for an exported folder and torch otherwise. `kv`: the
     PyTorch engine's cache kind (omni_kv.CacheSpec text, e.g. int8, kivi, sink:window=1024)."""
@@ -92,6 +98,8 @@ def open_runner(source: str, engine: str = "auto", kv: str | None = None, knn: s
     onnx = engine == "onnx" or (engine == "auto" and is_exported(source))
     if knn is not None and onnx:
         raise DataError(f"--knn {knn}: kNN-LM runs with the PyTorch engine (it needs the hidden states)")
+    if knn_settings is not None and knn is None:
+        raise DataError("--knn-settings needs --knn DIR")
     spec = None
     if kv is not None:
         if onnx:
@@ -116,18 +124,21 @@ def open_runner(source: str, engine: str = "auto", kv: str | None = None, knn: s
         return Runner(ort_engine, tok, source, desc)
     lm, _ = load_model(source)
     if knn is not None:
-        return knn_runner(lm, knn, spec)
+        return knn_runner(lm, knn, spec, knn_settings)
     return runner_for(lm, spec)
 
 
-def knn_runner(lm: LoadedModel, folder: str, cache: CacheSpec | None = None) -> Runner:
+def knn_runner(
+    lm: LoadedModel, folder: str, cache: CacheSpec | None = None, settings_text: str | None = None
+) -> Runner:
     """The PyTorch engine with its predictions mixed with a kNN-LM datastore's (omni_retrieval)."""
     import torch
 
-    from omni_retrieval.knnlm import KNNLM
+    from omni_retrieval.knnlm import KNNLM, KNNConfig
     from omni_runtime.torch_engine import TorchEngine
 
-    knn = KNNLM(folder, vocab_size=lm.config.vocab_size, dim=lm.config.dim)
+    config = KNNConfig() if settings_text is None else KNNConfig.parse(settings_text)
+    knn = KNNLM(folder, config, vocab_size=lm.config.vocab_size, dim=lm.config.dim)
 
     class KNNEngine(TorchEngine):
         name = "torch+knn"

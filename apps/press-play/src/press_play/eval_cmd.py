@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from omni_model.zoo import DEFAULT_MODEL
 from press_play.common import Runner, err, open_runner, out, read_text, reporting_errors
-from press_play.generate_cmd import EngineOption, KNNOption, KVOption, Model
+from press_play.generate_cmd import EngineOption, KNNOption, KNNSettingsOption, KVOption, Model
 
 if TYPE_CHECKING:
     from omni_model.metrics import PerplexityResult
@@ -51,6 +51,7 @@ def perplexity_cmd(
     engine: EngineOption = "auto",
     kv: KVOption = None,
     knn: KNNOption = None,
+    knn_settings: KNNSettingsOption = None,
     text: Annotated[
         str,
         typer.Option(
@@ -73,7 +74,7 @@ def perplexity_cmd(
     """
     with reporting_errors():
         body = read_text(text)
-        runner = open_runner(model, engine, kv, knn)
+        runner = open_runner(model, engine, kv, knn, knn_settings)
         result, n_tokens, seconds = text_perplexity(
             runner, body, context, max_tokens, show_progress=not as_json
         )

@@ -42,6 +42,10 @@ KNNOption = Annotated[
         "--knn", help="A kNN-LM datastore (press-play index datastore) to mix into the predictions."
     ),
 ]
+KNNSettingsOption = Annotated[
+    str | None,
+    typer.Option("--knn-settings", help="kNN-LM mixture: k=16,lambda=0.25,temperature=10 (any of them)."),
+]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.")]
 TopK = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 is off.")]
@@ -91,6 +95,7 @@ def generate(
     engine: EngineOption = "auto",
     kv: KVOption = None,
     knn: KNNOption = None,
+    knn_settings: KNNSettingsOption = None,
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = 0.2,
     top_k: TopK = 0,
@@ -119,7 +124,7 @@ def generate(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop or ()),
         )  # fmt: skip
-        runner = open_runner(model, engine, kv, knn)
+        runner = open_runner(model, engine, kv, knn, knn_settings)
         messages = [{"role": "user", "content": prompt}]
         sources = []
         if rag is not None:

@@ -206,10 +206,10 @@ def build_index(
             x if n <= config.train_vectors else x[np.sort(rng.choice(n, config.train_vectors, replace=False))]
         )
         ivf = faiss.downcast_index(faiss.extract_index_ivf(head))  # IndexIVFPQ, with its .pq
-        # Fewer than faiss's 39 points per centroid is the data's size: no warning print.
+        # Fewer than faiss's 39 points per centroid is the data's size, not a mistake: no warning print.
         ivf.cp.min_points_per_centroid = max(1, min(39, len(sample) // ivf.nlist))
         pq = getattr(ivf, "pq", None)
-        if pq is not None:  # fewer than faiss's 39 points per centroid is the data's size: no warning print
+        if pq is not None:
             pq.cp.min_points_per_centroid = min(39, len(sample) // 256)
         with _blas_assignment():
             head.train(sample)

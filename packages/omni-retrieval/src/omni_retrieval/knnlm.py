@@ -34,6 +34,23 @@ class KNNConfig:
         if self.k < 1 or not 0.0 <= self.lam <= 1.0 or self.temperature <= 0:
             raise RetrievalError(f"kNN-LM needs k >= 1, 0 <= lambda <= 1, temperature > 0; got {self}")
 
+    @classmethod
+    def parse(cls, text: str) -> KNNConfig:
+        """ "k=64,lambda=0.1,temperature=100" (any of them; the rest keep their defaults)."""
+        names = {"k": ("k", int), "lambda": ("lam", float), "temperature": ("temperature", float)}
+        given: dict = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep or key.strip() not in names:
+                raise RetrievalError(f"kNN-LM setting {part!r}: expected k=N, lambda=X or temperature=X")
+            field, kind = names[key.strip()]
+            try:
+                given[field] = kind(value)
+            except ValueError:
+                what = "an integer" if kind is int else "a number"
+                raise RetrievalError(f"kNN-LM setting {part!r}: {value!r} is not {what}") from None
+        return cls(**given)
+
 
 @torch.inference_mode()
 def datastore_states(
