@@ -159,21 +159,15 @@ def states_rate(lm, path: Path, context: int, tokens: int = 2048) -> float:
     return (len(ids) - 1) / best
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-def _one_at_a_time(search: Callable, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[float], int]:
-    """ids (q, k), per-query seconds, and the peak resident-memory growth over the loop (bytes)."""
-    base, peak, ids, secs = _rss(), 0, [], []
+def _one_at_a_time(search: Callable, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, list[float]]:
+    """ids (q, k) and per-query seconds."""
+    ids, secs = [], []
     for i in range(len(queries)):
         t0 = time.perf_counter()
         _, found = search(queries[i : i + 1], k)
         secs.append(time.perf_counter() - t0)
         ids.append(found[0])
-        peak = max(peak, _rss() - base)
-    return np.stack(ids), secs, peak
+    return np.stack(ids), secs
 
 
 def _recall(found: np.ndarray, exact: np.ndarray) -> float:
@@ -215,17 +209,15 @@ def index_bench(
                 prof = budget_profile(m)
                 budget = max(prof["index_bytes"] // 8, prof["largest_shard_bytes"])
                 ours = ShardedIndex(Path(tmp) / "i", budget_bytes=budget)
-                found, secs, rss = _one_at_a_time(ours.search, queries)
+                found, secs = _one_at_a_time(ours.search, queries)
                 st = ours.stats
                 free = ShardedIndex(Path(tmp) / "i")
-                _, free_secs, _ = _one_at_a_time(free.search, queries)
+                _, free_secs = _one_at_a_time(free.search, queries)
                 del ours, free
-                base = _rss()
                 peer = faiss.read_index(str(Path(tmp) / "i" / "head.faiss"))
                 peer.add(x)
                 faiss.extract_index_ivf(peer).nprobe = min(config.nprobe, m["nlist"] or 1)
-                peer_rss = _rss() - base
-                peer_found, peer_secs, _ = _one_at_a_time(peer.search, queries)
+                peer_found, peer_secs = _one_at_a_time(peer.search, queries)
                 peer_bytes = faiss.serialize_index(peer).size
                 del peer
             rows.append({
@@ -236,8 +228,7 @@ def index_bench(
                 "p50_ms": 1e3 * statistics.median(secs), "p99_ms": 1e3 * float(np.percentile(secs, 99)),
                 "free_p50_ms": 1e3 * statistics.median(free_secs),
                 "peer_p50_ms": 1e3 * statistics.median(peer_secs), "peer_p99_ms": 1e3 * float(np.percentile(peer_secs, 99)),
-                "resident_bytes": prof["head_bytes"] + st.peak_open_bytes, "rss_growth": rss,
-                "peer_bytes": peer_bytes, "peer_rss_growth": peer_rss,
+                "resident_bytes": prof["head_bytes"] + st.peak_open_bytes, "peer_bytes": peer_bytes,
                 "loads_per_query": st.shard_loads / len(queries),
             })  # fmt: skip
     return rows
@@ -447,19 +438,18 @@ def render_retrieval_section(rep: RetrievalReport) -> str:
         "a budget of 1/8 of the index (the trained head, coarse centroids and codebooks, stays resident); "
         '"all loaded": the same with no budget. Peer: the same trained index with every vector added, '
         f"wholly in RAM in faiss. IVF: nprobe {c.nprobe}. Resident: the head plus the peak bytes of shards "
-        "held (the controller's account); RSS growth: the process's resident memory measured over the "
-        "queries.",
+        "held (the controller's account of the bytes it keeps loaded).",
         "",
         "| index | smaller than float32 | recall@10 | peer recall@10 | p50 ms | p99 ms | all loaded p50 ms | "
-        "peer p50 ms | peer p99 ms | index | budget | resident | RSS growth | peer in RAM | shard loads / query |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "peer p50 ms | peer p99 ms | index | budget | resident | peer in RAM | shard loads / query |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rep.indices:
         lines.append(
             f"| {r['kind']} `{r['factory']}` | {r['compression']}x ({r['code_bytes']} B) | {r['recall']:.3f} | "
             f"{r['peer_recall']:.3f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['free_p50_ms']:.2f} | "
             f"{r['peer_p50_ms']:.2f} | {r['peer_p99_ms']:.2f} | {_mb(r['index_bytes'])} | {_mb(r['budget_bytes'])} | "
-            f"{_mb(r['resident_bytes'])} | {_mb(r['rss_growth'])} | {_mb(r['peer_bytes'])} | {r['loads_per_query']:.1f} |"
+            f"{_mb(r['resident_bytes'])} | {_mb(r['peer_bytes'])} | {r['loads_per_query']:.1f} |"
         )
     at = [r for r in rep.indices if r["compression"] == RECALL_AT]
     if at:
