@@ -105,7 +105,14 @@ def test_write_markdown_is_atomic(tmp_path, monkeypatch):
 
 def test_arguments_and_command_line():
     args = bench.parse_args([])
-    assert list(args.configs) == ["smollm2", "moe", "mla", "onnx", "kv", "retrieval"]  # every suite by default
+    assert list(args.configs) == [
+        "smollm2",
+        "moe",
+        "mla",
+        "onnx",
+        "kv",
+        "retrieval",
+    ]  # every suite by default
     config = args.configs["smollm2"]
     assert config == BenchConfig() and args.out is not None and args.out.name == "BENCHMARKS.md"
     assert bench.command_line(config) == ""

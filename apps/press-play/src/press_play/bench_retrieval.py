@@ -20,6 +20,7 @@ run plus the index build measured in this run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -110,6 +111,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@functools.cache
+def _model_key(src: Path) -> str:
+    """The model file's sha256 (a folder: its path), hashed once per process, not once per play."""
+    return _sha256(src)[:16] if src.is_file() else hashlib.sha256(str(src).encode()).hexdigest()[:16]
+
+
 def play_states(lm, name: str, path: Path, context: int, limit: int | None = None,
                 cache_root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """datastore_states of one play (its first `limit` tokens if given): keys, the final hidden
@@ -119,8 +126,7 @@ def play_states(lm, name: str, path: Path, context: int, limit: int | None = Non
     from omni_retrieval.knnlm import datastore_states
 
     src = Path(lm.source)
-    model_key = _sha256(src)[:16] if src.is_file() else hashlib.sha256(str(src).encode()).hexdigest()[:16]
-    folder = (cache_root or default_cache_dir().parent / "bench") / "knnlm-states" / model_key
+    folder = (cache_root or default_cache_dir().parent / "bench") / "knnlm-states" / _model_key(src)
     stem = folder / (f"{name}-{_sha256(path)[:16]}-c{context}" + ("" if limit is None else f"-n{limit}"))
     files = {k: stem.with_suffix(f".{k}.npy") for k in ("keys", "values")}
     try:
@@ -326,8 +332,8 @@ def _correct(reply: str, answers: list[str]) -> bool:
 def rag_bench(lm, paths: dict[str, Path], config: RetrievalBenchConfig, report: Progress) -> dict[str, Any]:
     """Exact-answer accuracy on the QA file with and without the top passages of the held-out plays."""
     from omni_model.sampling_config import SamplingConfig
-    from omni_retrieval import IndexConfig, build_index
-    from omni_retrieval.embed import MiniLMEmbedder, embed_source, write_chunks
+    from omni_retrieval import IndexConfig, read_manifest
+    from omni_retrieval.embed import MiniLMEmbedder, build_text_index
     from omni_retrieval.rag import Retriever, rag_messages
     from omni_runtime.generate import generate_text
     from omni_runtime.torch_engine import TorchEngine
@@ -348,11 +354,10 @@ def rag_bench(lm, paths: dict[str, Path], config: RetrievalBenchConfig, report: 
             (docs / f"{name}.txt").write_text(text[:4000] if config.quick else text, encoding="utf-8")
         report("RAG index (all-MiniLM-L6-v2)", 0, len(qa) + 1)
         t0 = time.perf_counter()
-        emb = MiniLMEmbedder()
-        vectors, chunks = embed_source(docs, emb.tokenizer, emb, chunk_tokens=config.rag_chunk_tokens)
-        meta = {"embedding": {**emb.spec, "chunk_tokens": config.rag_chunk_tokens}, "chunks": "chunks.jsonl"}
-        build_index(vectors, idx, IndexConfig(kind="flat"), meta=meta,
-                    extra=lambda f: write_chunks(chunks, f / "chunks.jsonl"))  # fmt: skip
+        build_text_index(
+            docs, idx, MiniLMEmbedder(), IndexConfig(kind="flat"), chunk_tokens=config.rag_chunk_tokens
+        )
+        chunks = read_manifest(idx)["count"]
         index_s = time.perf_counter() - t0
         retrieve = Retriever(idx)
         for i, q in enumerate(qa):
@@ -364,7 +369,7 @@ def rag_bench(lm, paths: dict[str, Path], config: RetrievalBenchConfig, report: 
                          "plain_ok": _correct(plain, q["answers"]), "rag_ok": _correct(with_rag, q["answers"]),
                          "retrieved": any(_correct(s.text, q["answers"]) for s in sources)})  # fmt: skip
     n = max(len(rows), 1)
-    return {"questions": len(rows), "chunks": len(chunks), "index_s": index_s,
+    return {"questions": len(rows), "chunks": chunks, "index_s": index_s,
             "plain": sum(r["plain_ok"] for r in rows) / n, "rag": sum(r["rag_ok"] for r in rows) / n,
             "retrieved": sum(r["retrieved"] for r in rows) / n, "rows": rows}  # fmt: skip
 

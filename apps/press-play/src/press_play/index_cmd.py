@@ -18,7 +18,6 @@ from press_play.generate_cmd import Model
 
 index_app = typer.Typer(help="Vector indices on disk under a memory budget.", no_args_is_help=True,
                         rich_markup_mode="rich")  # fmt: skip
-CHUNKS = "chunks.jsonl"
 
 
 def _bar() -> Progress:
@@ -63,29 +62,23 @@ def build(
         budget_bytes = None if budget is None else parse_size(budget, "--budget")
         config = IndexConfig(kind=kind, bytes_per_vector=bytes_per_vector, target_bytes=target,  # type: ignore[arg-type]
                              shard_vectors=shard_vectors)  # fmt: skip
-        extra, meta = None, {"source": str(source)}
+        meta = {"source": str(source)}
         with _bar() as bar:
             task = bar.add_task("embedding", total=None)
+
+            def progress(what: str, done: int, total: int) -> None:
+                bar.update(task, description=what, completed=done, total=total)
+
             if source.suffix == ".npy":
-                vectors = load_vectors(source)
+                manifest = build_index(load_vectors(source), out_dir, config, meta=meta, on_progress=progress)
             else:
-                from omni_retrieval.embed import embed_source, open_embedder, write_chunks
+                from omni_retrieval.embed import build_text_index, open_embedder
 
                 if embedder not in ("minilm", "lm"):
                     raise DataError(f"--embedder {embedder}: expected minilm or lm")
                 emb = open_embedder({"kind": embedder, "model": model, "layer": layer})
-                vectors, chunks = embed_source(
-                    source, emb.tokenizer, emb, chunk_tokens=chunk_tokens,
-                    on_progress=lambda done, total: bar.update(task, completed=done, total=total),
-                )  # fmt: skip
-                meta |= {"embedding": {**emb.spec, "chunk_tokens": chunk_tokens}, "chunks": CHUNKS}
-
-                def extra(folder: Path) -> None:
-                    write_chunks(chunks, folder / CHUNKS)
-
-            manifest = build_index(vectors, out_dir, config, meta=meta, extra=extra,
-                                   on_progress=lambda what, done, total: bar.update(task, description=what,
-                                                                                    completed=done, total=total))  # fmt: skip
+                manifest = build_text_index(source, out_dir, emb, config, chunk_tokens=chunk_tokens, meta=meta,
+                                            on_progress=progress)  # fmt: skip
         prof = budget_profile(manifest, budget_bytes)
         if budget_bytes is not None:
             if budget_bytes < prof["largest_shard_bytes"]:

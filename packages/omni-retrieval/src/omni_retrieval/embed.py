@@ -152,6 +152,25 @@ def embed_source(
     return np.concatenate(vecs), [c for c, _ in pairs]
 
 
+CHUNKS = "chunks.jsonl"
+
+
+def build_text_index(
+    source: str | Path, out: str | Path, embedder: Embedder, config=None, *, chunk_tokens: int = 128,
+    meta: dict | None = None, on_progress: Callable[[str, int, int], None] | None = None,
+) -> dict:  # fmt: skip
+    """The index of `source`'s chunks (omni_retrieval.index.build_index), its embedder and chunks file
+    in the manifest and chunks.jsonl beside it, so that it can be queried with text; returns the manifest."""
+    from omni_retrieval.index import build_index
+
+    report = on_progress or (lambda what, done, total: None)
+    vectors, chunks = embed_source(source, embedder.tokenizer, embedder, chunk_tokens=chunk_tokens,
+                                   on_progress=lambda done, total: report("embedding", done, total))  # fmt: skip
+    meta = (meta or {}) | {"embedding": {**embedder.spec, "chunk_tokens": chunk_tokens}, "chunks": CHUNKS}
+    return build_index(vectors, out, config, meta=meta, on_progress=on_progress,
+                       extra=lambda folder: write_chunks(chunks, folder / CHUNKS))  # fmt: skip
+
+
 def write_chunks(chunks: list[Chunk], path: Path) -> None:
     with path.open("w", encoding="utf-8") as f:
         for c in chunks:
