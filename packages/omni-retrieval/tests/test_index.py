@@ -51,13 +51,46 @@ def test_compressed_recall_and_budget(tmp_path, kind):
     assert st.peak_open_bytes <= budget and st.evictions > 0 and st.shard_loads > len(m["shards"])
 
 
+def test_opq_rotation_helps_outlier_dimensions_and_searches_like_faiss(tmp_path):
+    """Hidden states have a few dimensions of huge variance (SmolLM2's: 200x the median): PQ alone
+    spends its sub-quantizers badly; OPQ's learned rotation spreads the variance and recalls more."""
+    import faiss
+
+    n, dim = 11000, 32
+    x = clustered(n + 100, dim, seed=3) * np.where(np.arange(dim) < 2, 12.0, 1.0).astype(np.float32)
+    x, q = x[:n], x[n:]
+    exact = faiss.IndexFlatL2(dim)
+    exact.add(x)
+    _, truth = exact.search(q, 10)
+    got = {}
+    for opq in (False, True):
+        cfg = IndexConfig(kind="ivfpq", metric="l2", bytes_per_vector=4, nlist=16, nprobe=16,
+                          shard_vectors=3000, opq=opq)  # fmt: skip
+        m = build_index(x, tmp_path / f"i{opq}", cfg)
+        assert m["factory"].startswith("OPQ4,") == opq
+        idx = ShardedIndex(tmp_path / f"i{opq}", budget_bytes=max(s["bytes"] for s in m["shards"]))
+        _, got[opq] = idx.search(q, 10)
+        peer = faiss.read_index(str(tmp_path / f"i{opq}" / "head.faiss"))  # the same, wholly in faiss
+        peer.add(x)
+        faiss.extract_index_ivf(peer).nprobe = 16
+        assert np.array_equal(peer.search(q, 10)[1], got[opq])
+    r = {o: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got[o], truth, strict=True)]) for o in got}
+    assert r[True] > r[False] + 0.05, r
+
+
+def test_too_few_vectors_for_opq_is_plain_pq():
+    assert not plan(32, 5000, IndexConfig(kind="pq", bytes_per_vector=8)).opq
+    assert plan(32, 20000, IndexConfig(kind="pq", bytes_per_vector=8)).opq
+    assert not plan(32, 20000, IndexConfig(kind="pq", bytes_per_vector=8, opq=False)).opq
+
+
 def test_ivf_shards_group_neighbouring_lists(tmp_path):
     rng = np.random.default_rng(1)  # 8 regions of 8 clusters each: neighbourhoods, as text has topics
     top = rng.normal(size=(8, 32))
     centres = np.repeat(top, 8, axis=0) + 0.4 * rng.normal(size=(64, 32))
     x = (centres[rng.integers(0, 64, 20000)] + 0.1 * rng.normal(size=(20000, 32))).astype(np.float32)
     m = build_index(x, tmp_path / "i", IndexConfig(kind="ivfpq", bytes_per_vector=8, shard_vectors=2500,
-                                                   nprobe=4, nlist=64))  # fmt: skip
+                                                   nprobe=4, nlist=64, opq=False))  # fmt: skip
     assert len(m["shards"]) >= 8 and sorted(j for s in m["shards"] for j in s["lists"]) == list(range(64))
     idx = ShardedIndex(tmp_path / "i")
     # A query probes 4 lists; grouped by neighbourhood, they sit in fewer shards than 4 at random would.

@@ -18,6 +18,7 @@ way (L2: the negated squared distance).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -39,6 +40,9 @@ from omni_retrieval.errors import RetrievalError
 Kind = Literal["auto", "flat", "pq", "ivfpq"]
 MANIFEST, BUDGET, HEAD, FORMAT, VERSION = "index.json", "budget.json", "head.faiss", "omnicoder-index", 2
 Progress = Callable[[str, int, int], None]
+# OPQ learns 256 centroids per sub-quantizer on each of its rotation steps: below ~39 points per
+# centroid faiss warns, and a rotation learned from so few points does not pay for its training.
+OPQ_MIN_VECTORS = 39 * 256
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class IndexConfig:
     nprobe: int = 16  # IVF lists visited per query
     shard_vectors: int = 65536
     train_vectors: int = 65536  # the sample the quantizer learns from
+    opq: bool = True  # learn a rotation before PQ (OPQ) once there are OPQ_MIN_VECTORS to learn it from
 
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "flat", "pq", "ivfpq"):
@@ -70,11 +75,13 @@ class Plan:
     kind: str
     m: int  # PQ sub-quantizers (bytes per code); 0 for flat
     nlist: int  # 0 unless IVF
+    opq: bool = False  # a learned rotation in front (Ge et al. 2013: spreads variance across sub-spaces)
 
     def factory(self, dim: int) -> str:
-        return {"flat": "IVF1,Flat", "pq": f"IVF1,PQ{self.m}", "ivfpq": f"IVF{self.nlist},PQ{self.m}"}[
+        ivf = {"flat": "IVF1,Flat", "pq": f"IVF1,PQ{self.m}", "ivfpq": f"IVF{self.nlist},PQ{self.m}"}[
             self.kind
         ]
+        return f"OPQ{self.m},{ivf}" if self.opq else ivf
 
     def code_bytes(self, dim: int) -> int:
         return 4 * dim if self.kind == "flat" else self.m
@@ -106,7 +113,7 @@ def plan(dim: int, n: int, config: IndexConfig) -> Plan:
             )
     if n < 256:  # 8-bit PQ learns 256 centroids per sub-quantizer
         raise RetrievalError(f"a PQ index needs at least 256 vectors to train; got {n}")
-    return Plan(kind, m, nlist)
+    return Plan(kind, m, nlist, config.opq and min(n, config.train_vectors) >= OPQ_MIN_VECTORS)
 
 
 def _check_vectors(vectors: np.ndarray, what: str) -> np.ndarray:
@@ -332,6 +339,13 @@ class SearchStats:
     peak_open_bytes: int
 
 
+def _transforms(head: faiss.Index) -> list[faiss.VectorTransform]:
+    """The vector transforms (OPQ's rotation) an index applies before its IVF, in order."""
+    if not isinstance(head, faiss.IndexPreTransform):  # faiss.read_index gives the downcast type
+        return []
+    return [faiss.downcast_VectorTransform(head.chain.at(i)) for i in range(head.chain.size())]
+
+
 class ShardedIndex:
     """An index folder searched with at most `budget_bytes` of shards loaded at once (None: no limit).
     Not thread-safe: a search swaps each shard's lists into the one head in turn."""
@@ -350,6 +364,7 @@ class ShardedIndex:
         self.budget_bytes, self.nprobe = budget_bytes, nprobe or m["nprobe"]
         self.head = self._read_head()
         self._ivf = faiss.extract_index_ivf(self.head)
+        self._rotate = _transforms(self.head)
         self._ivf.nprobe = min(self.nprobe, self._ivf.nlist)
         # Empty lists of ours, in the head between searches: faiss frees the head's own on the first
         # swap, and must never free a shard's (Python owns those).
@@ -380,7 +395,11 @@ class ShardedIndex:
         except RuntimeError as e:
             raise RetrievalError(f"{path}: faiss cannot read it: {' '.join(str(e).split())[:160]}") from None
         ivf = faiss.try_extract_index_ivf(head)
-        if head.d != self.dim or ivf is None or not head.is_trained or head.ntotal != 0:
+        dims = [(t.d_in, t.d_out) for t in _transforms(head)]
+        chained = all(a[1] == b[0] for a, b in itertools.pairwise(dims)) and (
+            not dims or (dims[0][0] == self.dim and ivf is not None and dims[-1][1] == ivf.d)
+        )
+        if head.d != self.dim or ivf is None or not chained or not head.is_trained or head.ntotal != 0:
             raise RetrievalError(
                 f"{path}: not the trained, empty IVF index of dim {self.dim} {MANIFEST} describes"
             )
@@ -424,8 +443,17 @@ class ShardedIndex:
             lists.add_entries(j, hi - lo, faiss.swig_ptr(ids[lo:hi]), faiss.swig_ptr(codes[lo:hi]))
         return lists
 
+    def _transform(self, queries: np.ndarray) -> np.ndarray:
+        """Queries in the space the lists are searched in (after OPQ's rotation, where there is one)."""
+        for t in self._rotate:
+            queries = t.apply(queries)
+        return queries
+
     def shards_for(self, queries: np.ndarray) -> list[int]:
         """The shards holding the lists the queries probe (every shard for one-list kinds)."""
+        return self._shards_for(self._transform(queries))
+
+    def _shards_for(self, queries: np.ndarray) -> list[int]:
         if self._ivf.nlist == 1:
             return list(range(len(self.manifest["shards"])))
         _, probed = self._ivf.quantizer.search(queries, self._ivf.nprobe)
@@ -440,14 +468,15 @@ class ShardedIndex:
             raise RetrievalError(f"k must be >= 1, got {k}")
         scores = np.full((q.shape[0], 0), -np.inf, np.float32)
         ids = np.zeros((q.shape[0], 0), np.int64)
-        need = self.shards_for(q)
+        q = self._transform(q)
+        need = self._shards_for(q)
         order = [i for i in self._open if i in need] + [i for i in need if i not in self._open]
         for i in order:  # loaded shards first: no load wasted on a shard about to be dropped
             lists = self._shard(i)
             self._ivf.replace_invlists(lists, False)
             self._ivf.ntotal = self.manifest["shards"][i]["count"]
             try:
-                d, j = self.head.search(q, k)
+                d, j = self._ivf.search(q, k)
             finally:
                 self._ivf.replace_invlists(self._empty, False)
                 self._ivf.ntotal = 0
