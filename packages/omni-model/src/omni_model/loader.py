@@ -1,4 +1,5 @@
-"""`load(source)`: a Hugging Face folder, a GGUF file or a zoo name -> config, model and tokenizer.
+"""`load(source)`: a Hugging Face folder, an omnicoder folder (`omni_model.native`), a GGUF file or a
+zoo name -> config, model and tokenizer.
 
 Weights are checked against the config before they touch the model: a missing, unexpected or
 wrongly shaped tensor is a CheckpointError naming the file and the tensor.
@@ -19,6 +20,7 @@ from omni_model.config import ModelConfig
 from omni_model.decoder import Decoder
 from omni_model.errors import CheckpointError, ConfigError
 from omni_model.fused import fuse_for_inference
+from omni_model.native import MANIFEST, read_config, read_weights
 from omni_model.tokenizer import Tokenizer
 from omni_model.zoo import resolve
 
@@ -80,6 +82,10 @@ def load_tokenizer(source: str | Path) -> Tokenizer:
 
 
 def _from_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    if (folder / MANIFEST).is_file():  # ours: our names and config, nothing to convert
+        cfg, _ = read_config(folder)
+        tok = Tokenizer.from_hf_folder(folder)
+        return cfg, read_weights(folder), tok
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{folder}: no config.json")

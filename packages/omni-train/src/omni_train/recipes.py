@@ -1,0 +1,92 @@
+"""What is trained and against what: language modelling (pretraining, LoRA, continued training of an
+upcycled MoE) and distillation from a teacher (Hinton et al. 2015: KL on temperature-softened
+logits, plus cross-entropy on the data), and the student presets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omni_model.config import MLAConfig, ModelConfig, RopeConfig
+from omni_moe import MoEConfig
+from omni_train.errors import TrainError
+from omni_train.loop import Batch, lm_loss, perplexity
+
+
+class LMObjective:
+    """Next-token cross-entropy on the data."""
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        return lm_loss(model(x), y), {}
+
+    def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
+        return perplexity(model, batches)
+
+
+def distill_loss(student: Tensor, teacher: Tensor, y: Tensor, temperature: float, alpha: float) -> Tensor:
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y), per token mean.
+    The T^2 keeps the soft term's gradient scale independent of T (Hinton et al.)."""
+    v = student.shape[-1]
+    s, t = student.reshape(-1, v).float(), teacher.reshape(-1, v).float()
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                  log_target=True, reduction="batchmean")  # fmt: skip
+    return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(s, y.reshape(-1))
+
+
+@dataclass
+class DistillObjective:
+    """The teacher runs in no-grad on each micro-batch (its cost counts against the budget)."""
+
+    teacher: nn.Module
+    temperature: float = 2.0
+    alpha: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0 or not 0 <= self.alpha <= 1:
+            raise TrainError(
+                f"need temperature > 0 and 0 <= alpha <= 1, got {self.temperature}, {self.alpha}"
+            )
+        self.teacher.eval().requires_grad_(False)
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        with torch.no_grad():
+            t = self.teacher(x)
+        s = model(x)
+        if s.shape[-1] != t.shape[-1]:
+            raise TrainError(
+                f"the student's vocabulary ({s.shape[-1]}) differs from the teacher's ({t.shape[-1]})"
+            )
+        loss = distill_loss(s, t, y, self.temperature, self.alpha)
+        return loss, {}
+
+    def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
+        return perplexity(model, batches)
+
+
+def student_config(preset: str, teacher: ModelConfig) -> ModelConfig:
+    """A student sharing the teacher's vocabulary, special tokens and rope base.
+
+    - `mla-moe-30m`: 6 layers of dim 256, MLA (latent 64), MoE of 8 experts top-2 plus a shared expert
+      after one dense layer, sigmoid routing with DeepSeek-V3's bias; about 30M parameters, 20M active.
+    - `dense-30m`: the same stack with dense SwiGLU FFNs and grouped-query attention.
+    """
+    base = ModelConfig(vocab_size=teacher.vocab_size, dim=256, n_layers=6, n_heads=4, n_kv_heads=2,
+                       ffn_dim=768, max_seq_len=teacher.max_seq_len, rope=RopeConfig(theta=teacher.rope.theta),
+                       tie_embeddings=True, bos_token_id=teacher.bos_token_id,
+                       eos_token_id=teacher.eos_token_id, norm_eps=teacher.norm_eps)  # fmt: skip
+    if preset == "dense-30m":
+        return base
+    if preset == "mla-moe-30m":
+        moe = MoEConfig(n_experts=8, top_k=2, expert_dim=256, router="sigmoid", score_correction_bias=True,
+                        n_shared_experts=1, first_k_dense_replace=1)  # fmt: skip
+        mla = MLAConfig(kv_lora_rank=64, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
+        return replace(base, moe=moe, mla=mla)
+    raise TrainError(f"no student preset {preset!r}; choose from {', '.join(PRESETS)}")
+
+
+PRESETS = ("mla-moe-30m", "dense-30m")
