@@ -21,6 +21,7 @@ from press_play.generate_cmd import generate
 from press_play.index_cmd import index_app
 from press_play.kv_cmd import kv_app
 from press_play.tour import run_tour
+from press_play.train_cmd import train_app
 
 DEFAULT_ACTION: Callable[[], None] = run_tour
 
@@ -38,6 +39,7 @@ app.command()(export)
 app.add_typer(eval_app, name="eval")
 app.add_typer(kv_app, name="kv")
 app.add_typer(index_app, name="index")
+app.add_typer(train_app, name="train")
 
 
 def _installed_versions() -> list[tuple[str, str]]:

@@ -131,16 +131,16 @@ def _moe_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
-def _plan(cfg: TrainConfig, step_s: float, eval_s: float, world: int, done_s: float = 0.0) -> dict[str, Any]:
+def _plan(cfg: TrainConfig, step_s: float, eval_s: float, world: int) -> dict[str, Any]:
     """Steps from the budget: each step costs step_s, plus an evaluation every eval_every steps and a
     final one; 5% of the budget is kept for checkpoints."""
     steps = cfg.steps
     if cfg.budget_s is not None:
         per = step_s + eval_s / cfg.eval_every
-        fit = int((0.95 * cfg.budget_s - done_s - eval_s) / per)
+        fit = int((0.95 * cfg.budget_s - eval_s) / per)
         steps = max(1, fit if steps is None else min(steps, fit))
     tokens = steps * cfg.grad_accum * cfg.batch_size * cfg.seq_len * world
-    return {"steps": steps, "tokens": tokens, "step_s": step_s, "eval_s": eval_s, "world": world,
+    return {"steps": steps, "steps_limit": cfg.steps, "tokens": tokens, "step_s": step_s, "eval_s": eval_s, "world": world,
             "expected_s": steps * step_s + eval_s * (steps // cfg.eval_every + 1), "budget_s": cfg.budget_s}  # fmt: skip
 
 
@@ -234,6 +234,11 @@ def train(model: nn.Module, objective: Objective, train_tokens: np.ndarray, val_
     model.train()
     if state is not None:
         plan = state["plan"]
+        if (plan.get("steps_limit"), plan.get("budget_s")) != (cfg.steps, cfg.budget_s):
+            # a longer (or shorter) run asked for on resume: the schedule is re-planned from the timings
+            plan = _plan(cfg, plan["step_s"], plan["eval_s"], world)
+            if lead:
+                _write_json(out / "plan.json", {"plan": plan, "config": asdict(cfg), "identity": identity})
     else:  # plan: time one step (its gradients thrown away, the data position and RNG untouched)
         rng = torch.get_rng_state()
         probe = Batches(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=rank, world=world)

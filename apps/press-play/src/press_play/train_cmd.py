@@ -1,0 +1,237 @@
+"""`press-play train ...`: distill, pretrain, lora and moe (omni_train), with a time budget, a printed
+plan, a live progress bar, and --resume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from omni_model.zoo import DEFAULT_MODEL
+from press_play.common import err, out, reporting_errors
+
+train_app = typer.Typer(help="Train: distil a sparse student, pretrain it, LoRA, upcycled MoE.",
+                        no_args_is_help=True, rich_markup_mode="rich")  # fmt: skip
+
+Data = Annotated[list[str] | None, typer.Option("--data", help="Text files, folders of .txt, or 'shakespeare' (default); repeatable.")]  # fmt: skip
+Out = Annotated[
+    Path, typer.Option("--out", "-o", help="Run folder: plan, metrics, checkpoint, the trained model.")
+]
+Minutes = Annotated[
+    float | None, typer.Option("--budget-minutes", help="Wall-clock budget, resumes included.")
+]
+Hours = Annotated[float | None, typer.Option("--budget-hours", help="Wall-clock budget in hours.")]
+Steps = Annotated[int | None, typer.Option("--steps", help="Optimizer steps (at most, with a budget).")]
+SeqLen = Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")]
+Batch = Annotated[int, typer.Option("--batch-size", help="Sequences per micro-step.")]
+Accum = Annotated[int, typer.Option("--grad-accum", help="Micro-steps per optimizer step.")]
+LR = Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warmup then cosine).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Go on from the run folder's checkpoint.")]
+BF16 = Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast for the forward pass.")]
+EvalEvery = Annotated[int, typer.Option("--eval-every", help="Validation perplexity every N steps.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for weights and data order.")]
+Cache = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-cache", help="Where tokenized datasets are kept. [dim]Default: the omnicoder cache.[/dim]"
+    ),
+]
+Teacher = Annotated[str, typer.Option("--teacher", help="Zoo name, folder or GGUF of the teacher.")]
+Base = Annotated[str, typer.Option("--model", "-m", help="Zoo name, folder or GGUF of the base model.")]
+Student = Annotated[str, typer.Option("--student", help="Student preset: mla-moe-30m or dense-30m.")]
+
+
+@dataclass(frozen=True)
+class Common:
+    data: list[str]
+    out: Path
+    budget_s: float | None
+    steps: int | None
+    seq_len: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    resume: bool
+    bf16: bool
+    eval_every: int
+    seed: int
+    cache: Path | None
+
+    def config(self):
+        from omni_train import TrainConfig
+
+        return TrainConfig(seq_len=self.seq_len, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
+                           min_lr=self.lr / 10, steps=self.steps, budget_s=self.budget_s, eval_every=self.eval_every,
+                           bf16=self.bf16, seed=self.seed)  # fmt: skip
+
+
+def _common(
+    data, out_dir, minutes, hours, steps, seq_len, batch, accum, lr, resume, bf16, eval_every, seed, cache
+) -> Common:
+    from press_play.common import fail
+
+    if minutes is not None and hours is not None:
+        fail("give --budget-minutes or --budget-hours, not both")
+    budget = minutes * 60 if minutes is not None else hours * 3600 if hours is not None else None
+    if budget is None and steps is None:
+        fail("give a budget (--budget-minutes / --budget-hours) or --steps")
+    return Common(data or ["shakespeare"], out_dir, budget, steps, seq_len, batch, accum, lr, resume, bf16,
+                  eval_every, seed, cache)  # fmt: skip
+
+
+class _Display:
+    """The plan as a line, then a bar with loss, tokens/s and the time left; evaluations as lines."""
+
+    def __init__(self) -> None:
+        cols = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())  # fmt: skip
+        self.bar = Progress(*cols, console=err, disable=not err.is_terminal)
+        self.task = None
+
+    def __call__(self, e) -> None:
+        if e.kind == "plan":
+            d = e.data
+            err.print(f"plan: {d['steps']:,} steps, {d['tokens']:,} tokens, about {d['expected_s'] / 60:.1f} min "
+                      f"({d['step_s']:.2f} s/step, {d['world']} process(es)); written to plan.json", soft_wrap=True)  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task("training", total=e.steps, completed=e.step, info="")
+        elif e.kind == "step" and self.task is not None:
+            d = e.data
+            self.bar.update(
+                self.task, completed=e.step, info=f"loss {d['loss']:.3f}  {d['tok_s']:,.0f} tok/s"
+            )
+        elif e.kind == "eval" and e.data:
+            err.print(f"step {e.step}: validation perplexity {e.data['val_ppl']:.2f}")
+        elif e.kind == "done":
+            self.bar.stop()
+
+
+def _data(common: Common, base):
+    from omni_model.corpus import default_cache_dir
+    from omni_train import run
+
+    with err.status("tokenizing the data") as status:
+
+        def report(what: str, done: int, total: int) -> None:
+            status.update(f"{escape(what)} {done}/{total}")
+
+        cache = common.cache or default_cache_dir().parent / "datasets"
+        return run.dataset(common.data, base, cache, on_progress=report)
+
+
+def _finish(result, what: str, path: Path) -> None:
+    ppl = result.metrics.get("val_ppl")
+    ppl_text = "" if ppl is None else f"; validation perplexity {ppl:.2f}"
+    out.print(f"{what}: {result.steps:,} steps, {result.tokens:,} tokens in {result.elapsed_s / 60:.1f} min "
+              f"(stopped: {result.stopped}){ppl_text}; wrote [bold]{escape(str(path))}[/bold]", soft_wrap=True)  # fmt: skip
+    if result.stopped == "interrupted":
+        err.print(f"[yellow]interrupted[/yellow]: the checkpoint in {escape(str(result.checkpoint))} is intact; "
+                  "go on with the same command and --resume", soft_wrap=True)  # fmt: skip
+        raise typer.Exit(130)
+
+
+@train_app.command()
+def distill(
+    out_dir: Out, teacher: Teacher = DEFAULT_MODEL, student: Student = "mla-moe-30m", data: Data = None,
+    budget_minutes: Minutes = None, budget_hours: Hours = None, steps: Steps = None, seq_len: SeqLen = 256,
+    batch_size: Batch = 8, grad_accum: Accum = 1, lr: LR = 2e-3, resume: Resume = False, bf16: BF16 = False,
+    eval_every: EvalEvery = 100, seed: Seed = 0, data_cache: Cache = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softening of both distributions.")] = 2.0,
+    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the teacher term (the rest: data CE).")] = 0.9,
+) -> None:  # fmt: skip
+    """Distil the teacher into a small student sharing its tokenizer (KL on softened logits + CE)."""
+    with reporting_errors():
+        from omni_train import run
+
+        c = _common(data, out_dir, budget_minutes, budget_hours, steps, seq_len, batch_size, grad_accum, lr,
+                    resume, bf16, eval_every, seed, data_cache)  # fmt: skip
+        cfg = c.config()
+        with err.status(f"loading {escape(teacher)}"):
+            t = run.load_base(teacher)
+        ds = _data(c, t)
+        r = run.distill(student, t, ds, cfg, c.out, temperature=temperature, alpha=alpha, resume=c.resume,
+                        on_event=_Display())  # fmt: skip
+        _finish(r, f"distilled {student}", c.out / "model")
+
+
+@train_app.command()
+def pretrain(
+    out_dir: Out, tokenizer_of: Annotated[str, typer.Option("--tokenizer-of", help="Model whose tokenizer (and vocabulary) the student uses.")] = DEFAULT_MODEL,
+    student: Student = "mla-moe-30m", data: Data = None, budget_minutes: Minutes = None, budget_hours: Hours = None,
+    steps: Steps = None, seq_len: SeqLen = 256, batch_size: Batch = 8, grad_accum: Accum = 1, lr: LR = 2e-3,
+    resume: Resume = False, bf16: BF16 = False, eval_every: EvalEvery = 100, seed: Seed = 0, data_cache: Cache = None,
+) -> None:  # fmt: skip
+    """Train the student from random weights on the data alone (the baseline distillation must beat)."""
+    with reporting_errors():
+        from omni_train import run
+
+        c = _common(data, out_dir, budget_minutes, budget_hours, steps, seq_len, batch_size, grad_accum, lr,
+                    resume, bf16, eval_every, seed, data_cache)  # fmt: skip
+        with err.status(f"loading {escape(tokenizer_of)}"):
+            base = run.load_base(tokenizer_of)
+        ds = _data(c, base)
+        r = run.pretrain(student, base, ds, c.config(), c.out, resume=c.resume, on_event=_Display())
+        _finish(r, f"pretrained {student}", c.out / "model")
+
+
+@train_app.command()
+def lora(
+    out_dir: Out, model: Base = DEFAULT_MODEL, data: Data = None, budget_minutes: Minutes = None,
+    budget_hours: Hours = None, steps: Steps = None, seq_len: SeqLen = 256, batch_size: Batch = 4,
+    grad_accum: Accum = 1, lr: LR = 1e-3, resume: Resume = False, bf16: BF16 = False, eval_every: EvalEvery = 100,
+    seed: Seed = 0, data_cache: Cache = None,
+    rank: Annotated[int, typer.Option("--rank", help="Adapter rank.")] = 8,
+    lora_alpha: Annotated[float, typer.Option("--lora-alpha", help="Adapter scale numerator (scale = alpha/rank).")] = 16.0,
+    dropout: Annotated[float, typer.Option("--dropout", help="Dropout on the adapter's input.")] = 0.0,
+    target: Annotated[list[str] | None, typer.Option("--target", help="Linear names to adapt (repeatable); default: attention and MLP projections.")] = None,
+) -> None:  # fmt: skip
+    """LoRA adapters on a frozen base; the adapters are saved on their own (out/adapters)."""
+    with reporting_errors():
+        from omni_train import run
+        from omni_train.lora import LoRAConfig
+
+        c = _common(data, out_dir, budget_minutes, budget_hours, steps, seq_len, batch_size, grad_accum, lr,
+                    resume, bf16, eval_every, seed, data_cache)  # fmt: skip
+        lcfg = LoRAConfig(
+            rank=rank, alpha=lora_alpha, dropout=dropout, **({"targets": tuple(target)} if target else {})
+        )
+        with err.status(f"loading {escape(model)}"):
+            base = run.load_base(model)
+        ds = _data(c, base)
+        r = run.lora(base, ds, c.config(), c.out, lcfg, resume=c.resume, on_event=_Display())
+        _finish(r, f"LoRA on {model}", c.out / "adapters")
+
+
+@train_app.command()
+def moe(
+    out_dir: Out, model: Base = DEFAULT_MODEL, data: Data = None, budget_minutes: Minutes = None,
+    budget_hours: Hours = None, steps: Steps = None, seq_len: SeqLen = 256, batch_size: Batch = 4,
+    grad_accum: Accum = 1, lr: LR = 2e-4, resume: Resume = False, bf16: BF16 = False, eval_every: EvalEvery = 100,
+    seed: Seed = 0, data_cache: Cache = None,
+    experts: Annotated[int, typer.Option("--experts", help="Experts per upcycled FFN.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Experts per token.")] = 2,
+    method: Annotated[str, typer.Option("--method", help="copy (replicated experts) or split (FFN partitioned).")] = "copy",
+) -> None:  # fmt: skip
+    """Upcycle the base's FFNs to a mixture of experts and go on training it; expert load per step in metrics."""
+    with reporting_errors():
+        from omni_train import run
+
+        c = _common(data, out_dir, budget_minutes, budget_hours, steps, seq_len, batch_size, grad_accum, lr,
+                    resume, bf16, eval_every, seed, data_cache)  # fmt: skip
+        with err.status(f"loading {escape(model)}"):
+            base = run.load_base(model)
+        ds = _data(c, base)
+        r = run.moe(base, ds, c.config(), c.out, n_experts=experts, top_k=top_k, method=method, resume=c.resume,
+                    on_event=_Display())  # fmt: skip
+        _finish(r, f"{model} upcycled to {experts} experts", c.out / "model")

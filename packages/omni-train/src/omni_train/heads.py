@@ -1,0 +1,370 @@
+"""Medusa heads (Cai et al. 2024, arXiv:2401.10774): extra next-next-token heads on a frozen base, the
+drafts of self-speculative decoding. Head k maps the base's final hidden state at t to logits for token
+t+k+1 through `layers` residual blocks x + SiLU(W x + b) and the base's own frozen lm_head (shared, not
+saved). W = b = 0 at init, so every head starts as the base's next-token head. This is Medusa's parallel
+form; DeepSeek-V3's MTP (omni_model.mtp) is the sequential one.
+
+Training is Medusa's self-distillation: head k at t learns the base's greedy token at t+k+1
+(or its whole distribution, `soft`), on text or on the base's own greedy continuations
+(`greedy_continuations`), which is what the heads meet when drafting. Heads save on their own
+(`heads.safetensors` + `heads.json`, naming the base they belong to).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from omni_model.decoder import Decoder
+from omni_model.files import replace_dir
+from omni_train.data import token_dtype, val_batches
+from omni_train.errors import TrainError
+from omni_train.loop import Batch
+
+WEIGHTS, META = "heads.safetensors", "heads.json"
+FORMAT, VERSION = "omni-medusa-heads", 1
+MAX_META_BYTES = 1 << 16  # heads.json is a config and a base name: bytes
+MAX_HEADS = MAX_LAYERS = 32  # a bound for untrusted configs; Medusa uses 3-5 heads of 1 layer
+Progress = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    n_heads: int = 3  # head k predicts token t+k+1; the base itself predicts t+1
+    layers: int = 1  # residual blocks per head
+
+    def __post_init__(self) -> None:
+        for name, hi in (("n_heads", MAX_HEADS), ("layers", MAX_LAYERS)):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi):
+                raise TrainError(f"HeadsConfig.{name} must be an integer in 1..{hi}, got {v!r}")
+
+
+class ResBlock(nn.Module):
+    """x + SiLU(W x + b), zero at init: SiLU(0) = 0, so the block starts as the identity."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """The heads' blocks; `forward(h)` maps hidden states (B, T, D) to one per head (n, B, T, D)."""
+
+    def __init__(self, dim: int, cfg: HeadsConfig) -> None:
+        super().__init__()
+        self.dim, self.config = dim, cfg
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*(ResBlock(dim) for _ in range(cfg.layers))) for _ in range(cfg.n_heads)
+        )
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.stack([head(h) for head in self.blocks])  # (n, B, T, D)
+
+
+class HeadedModel(nn.Module):
+    """A frozen base plus trainable heads; `forward(x)` gives the base's logits (B, T, V), computed
+    without grad, and the heads' (n, B, T, V).
+
+    The base is held outside the module tree (a plain attribute, not a submodule), so the loop's
+    checkpoints, DDP and MoE bias balancing see only the heads, and `train()` leaves the base in eval
+    mode. Keep the base and the heads on one device.
+    """
+
+    base: Decoder
+
+    def __init__(self, base: Decoder, heads: MedusaHeads) -> None:
+        super().__init__()
+        if heads.dim != base.config.dim:
+            raise TrainError(f"heads of dim {heads.dim} for a base of dim {base.config.dim}")
+        self.__dict__["base"] = base.eval().requires_grad_(False)
+        self.heads = heads
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            h = self.base.hidden_states(x)  # (B, T, D)
+            logits = self.base.logits(h)  # (B, T, V)
+        z = self.heads(h.to(next(self.heads.parameters()).dtype)).to(h.dtype)  # (n, B, T, D)
+        return logits, self.base.logits(z)  # (n, B, T, V)
+
+
+@dataclass
+class HeadsObjective:
+    """Self-distillation: head k at t against the base's greedy token at t+k+1 (the argmax of its logits
+    at t+k), or KL to its distribution there (`soft`, temperature 1). Positions whose target lies past
+    the window are dropped. The loss is the heads' mean weighted by decay**(k-1) (Medusa's 0.8)."""
+
+    soft: bool = False
+    decay: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.decay, int | float) and 0 < self.decay <= 1):
+            raise TrainError(f"HeadsObjective.decay must be in (0, 1], got {self.decay!r}")
+
+    def head_losses(self, logits: Tensor, heads: Tensor) -> list[Tensor]:
+        """Per head k, the mean loss over positions 0..T-k-1 of (n, B, T, V) head logits."""
+        t, v = logits.shape[1], logits.shape[-1]
+        if t <= len(heads):
+            raise TrainError(
+                f"windows of {t} tokens leave head {len(heads)} no target; need seq_len > n_heads"
+            )
+        out = []
+        for k, head in enumerate(heads, start=1):
+            z, target = head[:, : t - k].reshape(-1, v).float(), logits[:, k:].reshape(-1, v).float()
+            if self.soft:
+                out.append(F.kl_div(F.log_softmax(z, -1), F.log_softmax(target, -1), log_target=True,
+                                    reduction="batchmean"))  # fmt: skip
+            else:
+                out.append(F.cross_entropy(z, target.argmax(-1)))
+        return out
+
+    def weights(self, n: int) -> list[float]:
+        """Each head's share of the loss: decay**(k-1), normalised to sum to 1."""
+        w = [self.decay**k for k in range(n)]
+        return [x / sum(w) for x in w]
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        losses = torch.stack(self.head_losses(*model(x)))  # (n,)
+        loss = losses @ torch.tensor(self.weights(len(losses)), device=losses.device)
+        return loss, {f"head{k}_loss": float(v) for k, v in enumerate(losses.detach(), start=1)}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
+        """Per head: top-1 accuracy against the base's greedy token (`headK_acc`, what speculative
+        decoding accepts) and against the text (`headK_acc_text`); the base's own text accuracy; the
+        mean number of drafts accepted in a row from head 1 (`mean_accepted`: teacher-forced on the
+        text, an estimate of the acceptance length when drafting)."""
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def add(key: str, value: Tensor | float, n: int) -> None:
+            sums[key], counts[key] = sums.get(key, 0.0) + float(value), counts.get(key, 0) + n
+
+        for x, y in batches:
+            logits, heads = model(x)
+            t, n = x.shape[1], len(heads)
+            losses = self.head_losses(logits, heads)
+            greedy = logits.argmax(-1)  # (B, T)
+            add("base_acc_text", (greedy == y).sum(), y.numel())
+            run = torch.ones_like(greedy[:, : t - n], dtype=torch.bool)  # heads 1..k all right so far
+            streak = torch.zeros_like(greedy[:, : t - n])
+            for k in range(1, n + 1):
+                pred = heads[k - 1, :, : t - k].argmax(-1)  # (B, T-k): the tokens k+1 ahead
+                ok = pred == greedy[:, k:]
+                add(f"head{k}_acc", ok.sum(), ok.numel())
+                add(f"head{k}_acc_text", (pred == y[:, k:]).sum(), ok.numel())
+                add(f"head{k}_loss", losses[k - 1] * ok.numel(), ok.numel())
+                run &= ok[:, : t - n]
+                streak += run
+            add("mean_accepted", streak.sum(), streak.numel())
+        if not counts:
+            raise TrainError("no validation tokens: the validation split is shorter than one sequence")
+        out = {k: sums[k] / counts[k] for k in sums}
+        w = self.weights(sum(k.endswith("_loss") for k in out))
+        out["val_loss"] = sum(wk * out[f"head{k}_loss"] for k, wk in enumerate(w, start=1))
+        out["val_tokens"] = counts["base_acc_text"]
+        return out
+
+
+@torch.inference_mode()
+def head_accuracy(base: Decoder, heads: MedusaHeads, tokens: np.ndarray, seq_len: int, batch_size: int,
+                  limit: int | None = None) -> dict[str, float]:  # fmt: skip
+    """Top-1 accuracy of head k against the base's greedy token at t+k+1 (`headK_acc`, the speculative
+    acceptance criterion) and against the text, on windows of held-out `tokens`."""
+    model = HeadedModel(base, heads)
+    was = heads.training
+    heads.eval()
+    try:
+        return HeadsObjective().evaluate(model, val_batches(tokens, seq_len, batch_size, limit))
+    finally:
+        heads.train(was)
+
+
+def sample_prompts(tokens: np.ndarray, n: int, length: int, *, seed: int = 0) -> Tensor:
+    """`n` windows of `length` tokens at seeded random offsets of `tokens`, (n, length) int64."""
+    for name, v, lo in (("n", n, 1), ("length", length, 1), ("seed", seed, 0)):
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+            raise TrainError(f"{name}={v!r}: must be an int >= {lo}")
+    if not (isinstance(tokens, np.ndarray) and tokens.ndim == 1 and len(tokens) >= length):
+        raise TrainError(f"prompts of {length} tokens need a 1-D token array at least that long")
+    starts = np.random.default_rng(seed).integers(0, len(tokens) - length + 1, n)
+    return torch.from_numpy(np.asarray(tokens[starts[:, None] + np.arange(length)], dtype=np.int64))
+
+
+@torch.inference_mode()
+def greedy_continuations(base: Decoder, prompts: Tensor, new_tokens: int, batch_size: int,
+                         on_progress: Progress | None = None) -> np.ndarray:  # fmt: skip
+    """The base's greedy continuations of `prompts` (N, P), `batch_size` rows per KV-cached batch, as one
+    token stream: each prompt, its continuation up to and including the first EOS, EOS where none came
+    (with no EOS id in the config: no separator). uint16 or uint32, as `TokenDataset` stores tokens."""
+    cfg = base.config
+    if not (
+        isinstance(prompts, Tensor)
+        and prompts.ndim == 2
+        and prompts.numel()
+        and not (prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool)
+    ):
+        raise TrainError(f"prompts must be a non-empty (N, P) integer tensor, got {_desc(prompts)}")
+    for name, v in (("new_tokens", new_tokens), ("batch_size", batch_size)):
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise TrainError(f"{name}={v!r}: must be an int >= 1")
+    if prompts.min() < 0 or prompts.max() >= cfg.vocab_size:
+        raise TrainError(f"prompts hold token ids outside the vocabulary (0..{cfg.vocab_size - 1})")
+    n, p = prompts.shape
+    if p + new_tokens > cfg.max_seq_len:
+        raise TrainError(
+            f"prompts of {p} + {new_tokens} new tokens exceed the base's context ({cfg.max_seq_len})"
+        )
+    report = on_progress or (lambda what, done, total: None)
+    eos, device = cfg.eos_token_id, next(base.parameters()).device
+    parts: list[np.ndarray] = []
+    for i in range(0, n, batch_size):
+        report("generating", i, n)
+        chunk = prompts[i : i + batch_size].to(device, torch.long)  # (b, P)
+        cont = _greedy(base, chunk, new_tokens, eos).cpu().numpy()  # (b, <= new_tokens)
+        for prompt, c in zip(chunk.cpu().numpy(), cont, strict=True):
+            if eos is not None:
+                hit = np.flatnonzero(c == eos)
+                c = c[: hit[0] + 1] if len(hit) else np.append(c, eos)
+            parts += [prompt, c]
+    report("generating", n, n)
+    return np.concatenate(parts).astype(token_dtype(cfg.vocab_size))
+
+
+def _greedy(base: Decoder, prompt: Tensor, new_tokens: int, eos: int | None) -> Tensor:
+    """(b, <= new_tokens) greedy tokens after prompt (b, P): one prefill, then one token per forward;
+    stops early once every row has produced EOS."""
+    b, p = prompt.shape
+    cache = base.make_cache(batch_size=b, max_len=p + new_tokens)
+    tok = base(prompt, cache=cache, last_only=True)[:, -1].argmax(-1)  # (b,)
+    out, done = [tok], torch.zeros_like(tok, dtype=torch.bool)
+    for _ in range(new_tokens - 1):
+        if eos is not None:
+            done |= tok == eos
+            if bool(done.all()):
+                break
+        tok = base(tok[:, None], cache=cache, last_only=True)[:, -1].argmax(-1)
+        out.append(tok)
+    return torch.stack(out, 1)
+
+
+def save_heads(heads: MedusaHeads, cfg: HeadsConfig, folder: str | Path, *, base: str, base_sha256: str | None,
+               base_dim: int, vocab_size: int) -> Path:  # fmt: skip
+    """Write heads.safetensors and heads.json (config, dim, vocabulary, base identity) to `folder`, atomically."""
+    if heads.config != cfg or heads.dim != base_dim:
+        raise TrainError(f"heads {heads.config} of dim {heads.dim}; the call says {cfg} of dim {base_dim}")
+    out = Path(folder)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp / WEIGHTS)
+        )
+        meta = {"format": FORMAT, "version": VERSION, "config": asdict(cfg), "dim": base_dim,
+                "vocab_size": vocab_size, "base": base, "base_sha256": base_sha256}  # fmt: skip
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        os.chmod(tmp, 0o755)
+        replace_dir(tmp, out, marker=META, what="a Medusa heads folder", error=TrainError)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_heads(folder: str | Path, base_model: Decoder, *, base_sha256: str | None = None) -> MedusaHeads:
+    """Heads saved by `save_heads`, checked against `base_model` (dim, vocabulary) and, when given,
+    the base's sha256; every tensor's name, shape and values are checked before use."""
+    folder = Path(folder)
+    meta_path, weights_path = folder / META, folder / WEIGHTS
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise TrainError(f"{folder}: no {p.name} (not a Medusa heads folder; see save_heads)")
+    cfg, dim, vocab, base, sha = _read_meta(meta_path)
+    ours = base_model.config
+    if (base_sha256 is not None and sha != base_sha256) or (dim, vocab) != (ours.dim, ours.vocab_size):
+        raise TrainError(
+            f"{meta_path}: heads trained for another base ({base!r}: dim {dim}, vocabulary {vocab}, sha256 "
+            f"{sha or 'not recorded'}; this one: dim {ours.dim}, vocabulary {ours.vocab_size}, sha256 "
+            f"{base_sha256 or 'not given'})"
+        )
+    heads = MedusaHeads(dim, cfg)
+    want = {k: tuple(v.shape) for k, v in heads.state_dict().items()}
+    try:
+        got = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise TrainError(f"{weights_path}: not a readable safetensors file: {_short(e)}") from None
+    if missing := sorted(set(want) - set(got)):
+        raise TrainError(f"{weights_path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    if unexpected := sorted(set(got) - set(want)):
+        raise TrainError(f"{weights_path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+    for k, shape in want.items():
+        t = got[k]
+        if tuple(t.shape) != shape:
+            raise TrainError(
+                f"{weights_path}: tensor {k!r} has shape {tuple(t.shape)}, the heads need {shape}"
+            )
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise TrainError(f"{weights_path}: tensor {k!r} is not finite floating point ({t.dtype})")
+    with torch.no_grad():
+        for k, v in heads.state_dict().items():
+            v.copy_(got[k])
+    return heads
+
+
+def _read_meta(path: Path) -> tuple[HeadsConfig, int, int, str, str | None]:
+    """heads.json's config, dim, vocabulary size and base identity, every field's type checked."""
+    if path.stat().st_size > MAX_META_BYTES:
+        raise TrainError(
+            f"{path}: {path.stat().st_size:,} bytes; a heads.json holds at most {MAX_META_BYTES:,}"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise TrainError(f"{path}: not readable JSON: {_short(e)}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise TrainError(f"{path}: not an OmniCoder Medusa heads file (format {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise TrainError(f"{path}: heads format version {meta.get('version')!r}; this build reads {VERSION}")
+    c = meta.get("config")
+    if not isinstance(c, dict):
+        raise TrainError(f"{path}: 'config' must be a JSON object, got {_short(c)}")
+    try:
+        cfg = HeadsConfig(**{k: c.get(k) for k in ("n_heads", "layers")})
+    except TrainError as e:
+        raise TrainError(f"{path}: {e}") from None
+    for key in ("dim", "vocab_size"):
+        v = meta.get(key)
+        if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 24):
+            raise TrainError(f"{path}: {key!r} must be a positive integer, got {_short(v)}")
+    base, sha = meta.get("base"), meta.get("base_sha256")
+    if not isinstance(base, str):
+        raise TrainError(f"{path}: 'base' must be a string, got {_short(base)}")
+    if sha is not None and not isinstance(sha, str):
+        raise TrainError(f"{path}: 'base_sha256' must be a string or null, got {_short(sha)}")
+    return cfg, meta["dim"], meta["vocab_size"], base, sha
+
+
+def _desc(v: Any) -> str:
+    return f"{tuple(v.shape)} {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
+
+
+def _short(v: Any) -> str:
+    return " ".join(str(v).split())[:120]

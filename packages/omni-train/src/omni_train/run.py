@@ -1,0 +1,150 @@
+"""The recipes end to end, as the `press-play train` commands and the benchmark run them: data, model,
+objective, the loop, and the trained result written where `omni_model.load` (or `load_adapters`)
+opens it.
+
+    out/plan.json  out/metrics.jsonl  out/checkpoint/   the loop's (resumable)
+    out/model/      the trained model (omni_model.save), or out/adapters/ for LoRA
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omni_model.config import ModelConfig
+from omni_model.loader import LoadedModel
+from omni_train.data import TokenDataset
+from omni_train.errors import TrainError
+from omni_train.loop import Event, TrainConfig, TrainResult, train
+from omni_train.recipes import DistillObjective, LMObjective, student_config
+
+Progress = Callable[[str, int, int], None]
+
+
+def load_base(source: str) -> LoadedModel:
+    """A model to train from or distil from, in its plain (unfused) form."""
+    import omni_model
+
+    return omni_model.load(source, fuse=False)
+
+
+def dataset(sources: str | Path | Sequence[str | Path], base: LoadedModel, cache: Path, *,
+            on_progress: Progress | None = None, max_documents: int | None = None) -> TokenDataset:  # fmt: skip
+    """The token dataset of `sources` under the base's tokenizer, cached per tokenizer in `cache`."""
+    from omni_train.data import tokenizer_sha256
+
+    folder = Path(cache) / f"tokens-{tokenizer_sha256(base.tokenizer)[:16]}"
+    return TokenDataset.build(
+        sources, base.tokenizer, folder, on_progress=on_progress, max_documents=max_documents
+    )
+
+
+def _identity(
+    kind: str, base: LoadedModel | None, cfg: ModelConfig, data: TokenDataset, **extra: Any
+) -> dict:
+    from omni_model.native import config_to_dict
+
+    return {"recipe": kind, "base": None if base is None else base.source, "model": config_to_dict(cfg),
+            "data": data.manifest.get("key"), **extra}  # fmt: skip
+
+
+def _check_vocab(cfg: ModelConfig, data: TokenDataset, what: str) -> None:
+    if cfg.vocab_size < data.vocab_size:
+        raise TrainError(
+            f"{what} has a vocabulary of {cfg.vocab_size}; the dataset's tokenizer has {data.vocab_size}"
+        )
+
+
+def student(preset: str, teacher: LoadedModel, seed: int) -> torch.nn.Module:
+    from omni_model.decoder import Decoder
+
+    torch.manual_seed(seed)
+    return Decoder(student_config(preset, teacher.config))
+
+
+def pretrain(preset: str, base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, *,
+             resume: bool = False, on_event: Callable[[Event], None] | None = None) -> TrainResult:  # fmt: skip
+    """The student preset trained from random weights on the data alone (the baseline for distill)."""
+    model = student(preset, base, cfg.seed)
+    _check_vocab(model.config, data, f"student {preset}")
+    result = train(model, LMObjective(), data.train, data.val, cfg, out, resume=resume,
+                   identity=_identity("pretrain", None, model.config, data, preset=preset), on_event=on_event)  # fmt: skip
+    _save(model, base, out, {"recipe": "pretrain", "preset": preset, "train": asdict(cfg)})
+    return result
+
+
+def distill(preset: str, teacher: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, *,
+            temperature: float = 2.0, alpha: float = 0.9, resume: bool = False,
+            on_event: Callable[[Event], None] | None = None) -> TrainResult:  # fmt: skip
+    """The student preset trained on the teacher's softened distribution and the data."""
+    model = student(preset, teacher, cfg.seed)
+    if model.config.vocab_size != teacher.config.vocab_size:
+        raise TrainError(f"the student's vocabulary ({model.config.vocab_size}) differs from the teacher's "
+                         f"({teacher.config.vocab_size})")  # fmt: skip
+    _check_vocab(model.config, data, f"student {preset}")
+    obj = DistillObjective(teacher.model, temperature=temperature, alpha=alpha)
+    ident = _identity(
+        "distill", teacher, model.config, data, preset=preset, temperature=temperature, alpha=alpha
+    )
+    result = train(
+        model, obj, data.train, data.val, cfg, out, resume=resume, identity=ident, on_event=on_event
+    )
+    _save(model, teacher, out, {"recipe": "distill", "teacher": teacher.source, "preset": preset,
+                                "temperature": temperature, "alpha": alpha, "train": asdict(cfg)})  # fmt: skip
+    return result
+
+
+def moe(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, *, n_experts: int, top_k: int,
+        method: str = "copy", resume: bool = False, on_event: Callable[[Event], None] | None = None) -> TrainResult:  # fmt: skip
+    """Continued training of the base upcycled to a mixture of experts (omni-moe); the per-expert load
+    of every step is in metrics.jsonl."""
+    from omni_model.upcycle import upcycle
+
+    model = upcycle(base.model, n_experts=n_experts, top_k=top_k, method=method)
+    _check_vocab(model.config, data, base.source)
+    ident = _identity("moe", base, model.config, data, n_experts=n_experts, top_k=top_k, method=method)
+    result = train(model, LMObjective(), data.train, data.val, cfg, out, resume=resume, identity=ident,
+                   on_event=on_event)  # fmt: skip
+    _save(model, base, out, {"recipe": "moe", "base": base.source, "method": method, "train": asdict(cfg)})
+    return result
+
+
+def lora(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, lora_cfg: Any, *,
+         resume: bool = False, on_event: Callable[[Event], None] | None = None) -> TrainResult:  # fmt: skip
+    """LoRA adapters on the frozen base, saved on their own in out/adapters."""
+    from omni_train.lora import apply_lora, save_adapters
+
+    names = apply_lora(base.model, lora_cfg)
+    _check_vocab(base.config, data, base.source)
+    ident = _identity("lora", base, base.config, data, lora=asdict(lora_cfg), targets=names)
+    result = train(base.model, LMObjective(), data.train, data.val, cfg, out, resume=resume, identity=ident,
+                   on_event=on_event)  # fmt: skip
+    save_adapters(
+        base.model, lora_cfg, out / "adapters", base=base.source, base_sha256=source_sha256(base.source)
+    )
+    return result
+
+
+def source_sha256(source: str) -> str | None:
+    """sha256 of a model file (GGUF or a zoo name's file); None for a folder."""
+    from omni_model.loader import resolve_source
+
+    path = resolve_source(source)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save(model: torch.nn.Module, base: LoadedModel, out: Path, meta: dict[str, Any]) -> None:
+    import omni_model
+
+    omni_model.save(model, out / "model", tokenizer=base.tokenizer, meta=meta)
