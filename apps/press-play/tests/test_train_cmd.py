@@ -56,6 +56,18 @@ def test_lora_and_moe(tiny_model_dir, docs, tmp_path):
     assert len(load) == 2 and len(load[0][0]) == 4
 
 
+def test_heads_on_greedy_continuations(tiny_model_dir, docs, tmp_path):
+    from omni_model import load
+    from omni_train.heads import load_heads
+
+    r = run(tmp_path, "heads", "-m", str(tiny_model_dir), "--data", str(docs), "--out", str(tmp_path / "h"),
+            "--prompts", "4", "--new-tokens", "8", "--heads", "2", *FAST)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "head 1" in r.output and (tmp_path / "h" / "continuations.npy").is_file()
+    heads = load_heads(tmp_path / "h" / "heads", load(tiny_model_dir, fuse=False).model)
+    assert heads.config.n_heads == 2
+
+
 def test_pretrain_resume_and_bad_input(tiny_model_dir, docs, tmp_path):
     base = ["--tokenizer-of", str(tiny_model_dir), "--data", str(docs), "--student", "dense-30m"]
     assert run(tmp_path, "pretrain", *base, "--out", str(tmp_path / "p"), *FAST).exit_code == 0

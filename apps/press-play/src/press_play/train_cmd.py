@@ -112,7 +112,11 @@ class _Display:
                 self.task, completed=e.step, info=f"loss {d['loss']:.3f}  {d['tok_s']:,.0f} tok/s"
             )
         elif e.kind == "eval" and e.data:
-            err.print(f"step {e.step}: validation perplexity {e.data['val_ppl']:.2f}")
+            figures = [f"perplexity {e.data['val_ppl']:.2f}"] if "val_ppl" in e.data else []
+            figures += [
+                f"{k.removesuffix('_acc')} top-1 {v:.1%}" for k, v in e.data.items() if k.endswith("_acc")
+            ]
+            err.print(f"step {e.step}: validation {', '.join(figures)}")
         elif e.kind == "done":
             self.bar.stop()
 
@@ -235,3 +239,50 @@ def moe(
         r = run.moe(base, ds, c.config(), c.out, n_experts=experts, top_k=top_k, method=method, resume=c.resume,
                     on_event=_Display())  # fmt: skip
         _finish(r, f"{model} upcycled to {experts} experts", c.out / "model")
+
+
+@train_app.command()
+def heads(
+    out_dir: Out, model: Base = DEFAULT_MODEL, data: Data = None, budget_minutes: Minutes = None,
+    budget_hours: Hours = None, steps: Steps = None, seq_len: SeqLen = 128, batch_size: Batch = 8,
+    grad_accum: Accum = 1, lr: LR = 1e-3, resume: Resume = False, bf16: BF16 = False, eval_every: EvalEvery = 100,
+    seed: Seed = 0, data_cache: Cache = None,
+    n_heads: Annotated[int, typer.Option("--heads", help="Heads: head k predicts token t+k+1.")] = 3,
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="Prompts the base continues greedily.")] = 256,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="Greedy tokens per prompt.")] = 96,
+    soft: Annotated[bool, typer.Option("--soft", help="Match the base's distribution (KL), not its argmax.")] = False,
+) -> None:  # fmt: skip
+    """Medusa-style draft heads on the frozen base, self-distilled on its own greedy continuations."""
+    with reporting_errors():
+        from omni_train import run
+        from omni_train.heads import HeadsConfig
+
+        c = _common(data, out_dir, budget_minutes, budget_hours, steps, seq_len, batch_size, grad_accum, lr,
+                    resume, bf16, eval_every, seed, data_cache)  # fmt: skip
+        hcfg = HeadsConfig(n_heads=n_heads)
+        with err.status(f"loading {escape(model)}"):
+            base = run.load_base(model)
+        ds = _data(c, base)
+        gen = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                       console=err, transient=True, disable=not err.is_terminal)  # fmt: skip
+        task = None
+
+        def report(what: str, done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                gen.start()
+                task = gen.add_task(f"{what} (the base's greedy continuations)", total=total)
+            gen.update(task, completed=done)
+            if done >= total:
+                gen.stop()
+
+        try:
+            r = run.heads(base, ds, c.config(), c.out, hcfg, prompts=prompts, new_tokens=new_tokens, soft=soft,
+                          resume=c.resume, on_event=_Display(), on_progress=report)  # fmt: skip
+        finally:
+            gen.stop()
+        accs = ", ".join(f"head {k} {r.metrics[f'head{k}_acc']:.1%}" for k in range(1, n_heads + 1)
+                         if f"head{k}_acc" in r.metrics)  # fmt: skip
+        if accs:
+            err.print(f"top-1 agreement with the base's greedy token on validation text: {accs}")
+        _finish(r, f"{n_heads} heads on {model}", c.out / "heads")

@@ -148,3 +148,43 @@ def _save(model: torch.nn.Module, base: LoadedModel, out: Path, meta: dict[str, 
     import omni_model
 
     omni_model.save(model, out / "model", tokenizer=base.tokenizer, meta=meta)
+
+
+def heads(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, heads_cfg: Any, *,
+          prompts: int = 256, prompt_len: int = 32, new_tokens: int = 96, soft: bool = False,
+          resume: bool = False, on_event: Callable[[Event], None] | None = None,
+          on_progress: Progress | None = None) -> TrainResult:  # fmt: skip
+    """Medusa-style heads on the frozen base, trained on the base's own greedy continuations of prompts
+    drawn from the data (kept in out/continuations.npy, so a resumed run trains on the same stream);
+    validated on the real text of the validation split. The heads go to out/heads."""
+    import numpy as np
+
+    from omni_train.heads import (
+        HeadedModel,
+        HeadsObjective,
+        MedusaHeads,
+        greedy_continuations,
+        sample_prompts,
+        save_heads,
+    )
+
+    _check_vocab(base.config, data, base.source)
+    stream_path = out / "continuations.npy"
+    if resume and stream_path.is_file():
+        stream = np.load(stream_path, allow_pickle=False)
+    else:
+        p = sample_prompts(data.train, prompts, prompt_len, seed=cfg.seed)
+        stream = greedy_continuations(base.model, p, new_tokens, batch_size=32, on_progress=on_progress)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".continuations.tmp.npy"
+        np.save(tmp, stream)
+        tmp.replace(stream_path)
+    torch.manual_seed(cfg.seed)
+    h = MedusaHeads(base.config.dim, heads_cfg)
+    ident = _identity("heads", base, base.config, data, heads=asdict(heads_cfg), soft=soft, prompts=prompts,
+                      prompt_len=prompt_len, new_tokens=new_tokens)  # fmt: skip
+    result = train(HeadedModel(base.model, h), HeadsObjective(soft=soft), stream, data.val, cfg, out,
+                   resume=resume, identity=ident, on_event=on_event)  # fmt: skip
+    save_heads(h, heads_cfg, out / "heads", base=base.source, base_sha256=source_sha256(base.source),
+               base_dim=base.config.dim, vocab_size=base.config.vocab_size)  # fmt: skip
+    return result
