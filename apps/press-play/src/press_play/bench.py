@@ -371,6 +371,7 @@ def suites() -> dict[str, Suite]:
         bench_moe,
         bench_onnx,
         bench_retrieval,
+        bench_train,
     )  # they build on this module's helpers
 
     def moe_config(a: argparse.Namespace) -> bench_moe.MoEBenchConfig:
@@ -404,6 +405,11 @@ def suites() -> dict[str, Suite]:
         cls = bench_retrieval.RetrievalBenchConfig
         return cls.quick_config(**given) if a.quick else cls(**given)
 
+    def train_config(a: argparse.Namespace) -> bench_train.TrainBenchConfig:
+        given = {k: getattr(a, k) for k in ("model", "threads") if getattr(a, k) is not None}
+        cls = bench_train.TrainBenchConfig
+        return cls.quick_config(**given) if a.quick else cls(**given)
+
     return {
         "smollm2": Suite(SECTION, smollm2_config, run_bench, render_section),
         "moe": Suite(bench_moe.SECTION, moe_config, bench_moe.run_moe_bench, bench_moe.render_moe_section),
@@ -417,6 +423,9 @@ def suites() -> dict[str, Suite]:
             retrieval_config,
             bench_retrieval.run_retrieval_bench,
             bench_retrieval.render_retrieval_section,
+        ),
+        "train": Suite(
+            bench_train.SECTION, train_config, bench_train.run_train_bench, bench_train.render_train_section
         ),
     }
 
