@@ -29,7 +29,7 @@ Progress = Callable[[str, int, int], None]
 @dataclass(frozen=True)
 class TrainBenchConfig:
     model: str = DEFAULT_MODEL
-    train_plays: tuple[str, ...] = ("hamlet", "othello", "king_lear", "romeo_and_juliet")
+    train_plays: tuple[str, ...] = ("hamlet", "othello", "lear", "romeo_and_juliet")
     held_out: tuple[str, ...] = ("macbeth", "tempest", "twelfth_night")
     eval_tokens: int = 8192  # per held-out play: its first tokens, in seq_len windows
     seq_len: int = 256

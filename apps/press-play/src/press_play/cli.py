@@ -98,3 +98,7 @@ def root(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # torchrun -m press_play.cli train ...
+    main()

@@ -79,8 +79,10 @@ class Common:
 def _common(
     data, out_dir, minutes, hours, steps, seq_len, batch, accum, lr, resume, bf16, eval_every, seed, cache
 ) -> Common:
+    from omni_train.loop import init_distributed
     from press_play.common import fail
 
+    init_distributed()  # under torchrun: join the group; every process runs the same command
     if minutes is not None and hours is not None:
         fail("give --budget-minutes or --budget-hours, not both")
     budget = minutes * 60 if minutes is not None else hours * 3600 if hours is not None else None
@@ -100,6 +102,10 @@ class _Display:
         self.task = None
 
     def __call__(self, e) -> None:
+        from omni_train.loop import rank
+
+        if rank() != 0:
+            return
         if e.kind == "plan":
             d = e.data
             err.print(f"plan: {d['steps']:,} steps, {d['tokens']:,} tokens, about {d['expected_s'] / 60:.1f} min "
@@ -135,6 +141,10 @@ def _data(common: Common, base):
 
 
 def _finish(result, what: str, path: Path) -> None:
+    from omni_train.loop import rank
+
+    if rank() != 0:
+        return
     ppl = result.metrics.get("val_ppl")
     ppl_text = "" if ppl is None else f"; validation perplexity {ppl:.2f}"
     out.print(f"{what}: {result.steps:,} steps, {result.tokens:,} tokens in {result.elapsed_s / 60:.1f} min "

@@ -125,6 +125,23 @@ def _world() -> tuple[int, int]:
     )
 
 
+def init_distributed() -> tuple[int, int]:
+    """Join the process group when started by torchrun (it sets WORLD_SIZE, RANK and the rendezvous
+    address for each process); gloo, the CPU backend. Returns (rank, world); (0, 1) when alone."""
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    return _world()
+
+
+def rank() -> int:
+    return _world()[0]
+
+
+def barrier() -> None:
+    if _world()[1] > 1:
+        dist.barrier()
+
+
 def _moe_layers(model: nn.Module) -> list[nn.Module]:
     from omni_moe import MoELayer
 

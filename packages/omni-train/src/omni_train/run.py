@@ -20,7 +20,7 @@ from omni_model.config import ModelConfig
 from omni_model.loader import LoadedModel
 from omni_train.data import TokenDataset
 from omni_train.errors import TrainError
-from omni_train.loop import Event, TrainConfig, TrainResult, train
+from omni_train.loop import Event, TrainConfig, TrainResult, barrier, rank, train
 from omni_train.recipes import DistillObjective, LMObjective, student_config
 
 Progress = Callable[[str, int, int], None]
@@ -39,9 +39,12 @@ def dataset(sources: str | Path | Sequence[str | Path], base: LoadedModel, cache
     from omni_train.data import tokenizer_sha256
 
     folder = Path(cache) / f"tokens-{tokenizer_sha256(base.tokenizer)[:16]}"
-    return TokenDataset.build(
-        sources, base.tokenizer, folder, on_progress=on_progress, max_documents=max_documents
-    )
+    if rank() == 0:  # one process builds; under torchrun the others then find it built
+        TokenDataset.build(
+            sources, base.tokenizer, folder, on_progress=on_progress, max_documents=max_documents
+        )
+    barrier()
+    return TokenDataset.build(sources, base.tokenizer, folder, max_documents=max_documents)
 
 
 def _identity(
@@ -147,7 +150,9 @@ def source_sha256(source: str) -> str | None:
 def _save(model: torch.nn.Module, base: LoadedModel, out: Path, meta: dict[str, Any]) -> None:
     import omni_model
 
-    omni_model.save(model, out / "model", tokenizer=base.tokenizer, meta=meta)
+    if rank() == 0:
+        omni_model.save(model, out / "model", tokenizer=base.tokenizer, meta=meta)
+    barrier()
 
 
 def heads(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, heads_cfg: Any, *,
@@ -170,21 +175,23 @@ def heads(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, he
 
     _check_vocab(base.config, data, base.source)
     stream_path = out / "continuations.npy"
-    if resume and stream_path.is_file():
-        stream = np.load(stream_path, allow_pickle=False)
-    else:
+    if not (resume and stream_path.is_file()) and rank() == 0:  # the others read what rank 0 wrote
         p = sample_prompts(data.train, prompts, prompt_len, seed=cfg.seed)
         stream = greedy_continuations(base.model, p, new_tokens, batch_size=32, on_progress=on_progress)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".continuations.tmp.npy"
         np.save(tmp, stream)
         tmp.replace(stream_path)
+    barrier()
+    stream = np.load(stream_path, allow_pickle=False)
     torch.manual_seed(cfg.seed)
     h = MedusaHeads(base.config.dim, heads_cfg)
     ident = _identity("heads", base, base.config, data, heads=asdict(heads_cfg), soft=soft, prompts=prompts,
                       prompt_len=prompt_len, new_tokens=new_tokens)  # fmt: skip
     result = train(HeadedModel(base.model, h), HeadsObjective(soft=soft), stream, data.val, cfg, out,
                    resume=resume, identity=ident, on_event=on_event)  # fmt: skip
-    save_heads(h, heads_cfg, out / "heads", base=base.source, base_sha256=source_sha256(base.source),
-               base_dim=base.config.dim, vocab_size=base.config.vocab_size)  # fmt: skip
+    if rank() == 0:
+        save_heads(h, heads_cfg, out / "heads", base=base.source, base_sha256=source_sha256(base.source),
+                   base_dim=base.config.dim, vocab_size=base.config.vocab_size)  # fmt: skip
+    barrier()
     return result
