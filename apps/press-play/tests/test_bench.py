@@ -113,6 +113,7 @@ def test_arguments_and_command_line():
         "kv",
         "retrieval",
         "train",
+        "distill",
     ]  # every suite by default
     config = args.configs["smollm2"]
     assert config == BenchConfig() and args.out is not None and args.out.name == "BENCHMARKS.md"

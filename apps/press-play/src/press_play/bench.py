@@ -410,6 +410,11 @@ def suites() -> dict[str, Suite]:
         cls = bench_train.TrainBenchConfig
         return cls.quick_config(**given) if a.quick else cls(**given)
 
+    def distill_config(a: argparse.Namespace) -> bench_train.DistillBenchConfig:
+        given = {k: getattr(a, k) for k in ("model", "threads") if getattr(a, k) is not None}
+        cls = bench_train.DistillBenchConfig
+        return cls.quick_config(**given) if a.quick else cls(**given)
+
     return {
         "smollm2": Suite(SECTION, smollm2_config, run_bench, render_section),
         "moe": Suite(bench_moe.SECTION, moe_config, bench_moe.run_moe_bench, bench_moe.render_moe_section),
@@ -426,6 +431,12 @@ def suites() -> dict[str, Suite]:
         ),
         "train": Suite(
             bench_train.SECTION, train_config, bench_train.run_train_bench, bench_train.render_train_section
+        ),
+        "distill": Suite(
+            bench_train.DISTILL_SECTION,
+            distill_config,
+            bench_train.run_distill_bench,
+            bench_train.render_distill_section,
         ),
     }
 

@@ -11,6 +11,7 @@ Held-out plays are never trained on; the budgets are wall-clock on `threads` thr
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -209,4 +210,159 @@ def render_train_section(rep: TrainReport) -> str:
                       "(measured on the stream, not in a decoding loop). DeepSeek-V3 reports 85-90% acceptance of "
                       "its second token at frontier scale."]  # fmt: skip
     lines += ["", f"<!-- bench:{SECTION}:end -->", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ distillation
+
+DISTILL_SECTION = "train-distill"
+DISTILL_TARGET = 15.0  # % lower held-out perplexity than from scratch
+
+
+@dataclass(frozen=True)
+class DistillBenchConfig:
+    model: str = DEFAULT_MODEL  # the teacher
+    student: str = "mla-moe-30m"
+    train_plays: tuple[str, ...] = ("hamlet", "othello", "lear", "romeo_and_juliet", "as_you_like_it",
+                                    "merchant_of_venice")  # fmt: skip
+    held_out: tuple[str, ...] = ("macbeth", "tempest", "twelfth_night")
+    eval_tokens: int = 8192
+    minutes: float = 20.0  # each student's wall-clock budget, on one thread, both at once
+    seq_len: int = 256
+    batch_size: int = 8
+    lr: float = 2e-3
+    cache_k: int = 32
+    temperature: float = 2.0
+    alpha: float = 0.9
+    threads: int = 2  # the teacher cache and the evaluations; each student gets one
+    cache_dir: str | None = None  # datasets and the teacher cache; None: the omnicoder cache
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls, **overrides: Any) -> DistillBenchConfig:
+        return cls(**{"student": "dense-30m", "train_plays": ("hamlet",), "held_out": ("macbeth",),
+                      "eval_tokens": 128, "minutes": 0.1, "seq_len": 32, "batch_size": 2, "cache_k": 4,
+                      "quick": True, **overrides})  # fmt: skip
+
+
+@dataclass
+class DistillReport:
+    config: DistillBenchConfig
+    machine: dict[str, Any]
+    tokens: dict[str, int] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # distill / scratch -> figures
+    ppl: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # teacher / distill / scratch -> play -> ppl
+
+
+def run_distill_bench(config: DistillBenchConfig, on_progress: Progress | None = None) -> DistillReport:
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    import omni_model
+    from omni_model.corpus import default_cache_dir
+    from omni_train import run as recipes
+    from press_play.bench import machine_info
+
+    report = on_progress or (lambda what, done, total: None)
+    torch.set_num_threads(config.threads)
+    rep = DistillReport(config, machine_info(config.threads))
+    paths = plays()
+    missing = [n for n in (*config.train_plays, *config.held_out) if n not in paths]
+    if missing:
+        raise ValueError(f"no play named {', '.join(missing)} in the corpus")
+    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir().parent / "bench" / "train"
+    teacher = recipes.load_base(config.model)
+    held = _held_tokens(teacher, config, paths)  # type: ignore[arg-type]
+    data_args = [a for n in config.train_plays for a in ("--data", str(paths[n]))]
+    data = recipes.dataset([paths[n] for n in config.train_plays], teacher, cache)
+    rep.tokens = {"train": int(data.train.size), "validation": int(data.val.size),
+                  "held_out": sum(int(t.size - 1) for t in held.values())}  # fmt: skip
+    t0 = time.perf_counter()
+    tc = recipes.teacher_cache(teacher, data, config.seq_len, config.cache_k,
+                               on_progress=lambda what, d, t: report(f"teacher top-{config.cache_k} logits", d, t))  # fmt: skip
+    rep.cache = {"s": time.perf_counter() - t0, "windows": tc.meta["windows"], "k": config.cache_k,
+                 "bytes": sum(f.stat().st_size for f in tc.folder.iterdir())}  # fmt: skip
+    report("students (both at once, one thread each)", 0, 1)
+    common = ["--data-cache", str(cache), "--budget-minutes", str(config.minutes), "--seq-len", str(config.seq_len),
+              "--batch-size", str(config.batch_size), "--lr", str(config.lr), "--student", config.student,
+              "--eval-every", str(10**6), *data_args]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cli = [sys.executable, "-m", "press_play.cli", "--threads", "1", "train"]
+        cmds = {
+            "distill": [*cli, "distill", "--teacher", config.model, "--out", str(tmp / "distill"), "--cache-teacher",
+                        str(config.cache_k), "--temperature", str(config.temperature), "--alpha", str(config.alpha), *common],
+            "scratch": [*cli, "pretrain", "--tokenizer-of", config.model, "--out", str(tmp / "scratch"), *common],
+        }  # fmt: skip
+        procs = {
+            k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for k, c in cmds.items()
+        }
+        for name, p in procs.items():
+            _, err = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"{name}: {' '.join(cmds[name][2:])} failed: {err.strip()[-400:]}")
+        report("held-out perplexity", 0, 1)
+        rep.ppl["teacher"] = {n: _ppl(teacher.model, t, config.seq_len) for n, t in held.items()}
+        del teacher
+        for name in cmds:
+            rows = [json.loads(r) for r in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+            steps = [r for r in rows if "loss" in r]
+            plan = json.loads((tmp / name / "plan.json").read_text())["plan"]
+            rep.runs[name] = {"steps": steps[-1]["step"], "tokens": steps[-1]["tokens"],
+                              "elapsed_s": steps[-1]["elapsed_s"], "planned": plan["steps"],
+                              "tok_s": statistics.median(r["tok_s"] for r in steps),
+                              "val_ppl": rows[-1].get("val_ppl")}  # fmt: skip
+            model = omni_model.load(tmp / name / "model", fuse=False).model
+            rep.ppl[name] = {n: _ppl(model, t, config.seq_len) for n, t in held.items()}
+        rep.ppl = {k: {**v, "all": _pooled(v, held)} for k, v in rep.ppl.items()}
+    report("done", 1, 1)
+    return rep
+
+
+def render_distill_section(rep: DistillReport) -> str:
+    c, m, t = rep.config, rep.machine, rep.tokens
+    gain = 100 * (1 - rep.ppl["distill"]["all"] / rep.ppl["scratch"]["all"])
+    lines = [
+        f"<!-- bench:{DISTILL_SECTION}:start -->",
+        "## omni-train: distillation versus training from scratch, equal wall-clock",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}; torch {m['torch']}; {m['date']}",
+        "- Command: `just bench --suite distill` (= `uv run python -m press_play.bench --suite distill`)"
+        + (" — QUICK smoke run, not figures" if c.quick else ""),
+        f"- Student `{c.student}` (the same seed, so the same initial weights, for both), teacher {c.model}. "
+        f"Training text: {', '.join(c.train_plays)} ({t['train']:,} tokens; {t['validation']:,} more held for the "
+        f"loop's validation by document). Held out: {', '.join(c.held_out)}, the first {c.eval_tokens:,} tokens of "
+        f"each ({t['held_out']:,}), in {c.seq_len}-token windows.",
+        f"- Both students ran at the same time, each on one thread, for {c.minutes:g} minutes of wall clock; "
+        f"AdamW lr {c.lr:g}, warmup then cosine over the planned steps, {c.batch_size} x {c.seq_len} tokens per step.",
+        f"- Distillation: KL on logits softened by T = {c.temperature:g} (weight {c.alpha:g}) + cross-entropy on the "
+        f"text, against the teacher's top-{c.cache_k} logits of every training window, computed once before "
+        f"training: {rep.cache['windows']:,} windows in {rep.cache['s'] / 60:.1f} min on {c.threads} threads, "
+        f"{rep.cache['bytes'] / 1e6:.0f} MB on disk, reused by every later run and epoch (not counted in the "
+        "student's budget).",
+        "",
+        "| student | steps | tokens | tokens/s | " + " | ".join(c.held_out) + " | held-out perplexity |",
+        "|---|---:|---:|---:|" + "---:|" * len(c.held_out) + "---:|",
+    ]
+    for name, label in (("scratch", "from scratch"), ("distill", "distilled")):
+        r, p = rep.runs[name], rep.ppl[name]
+        lines.append(f"| {label} | {r['steps']} | {r['tokens']:,} | {r['tok_s']:,.0f} | "
+                     + " | ".join(f"{p[n]:.1f}" for n in c.held_out) + f" | {p['all']:.1f} |")  # fmt: skip
+    p = rep.ppl["teacher"]
+    lines.append(
+        f"| teacher ({c.model}) | | | | "
+        + " | ".join(f"{p[n]:.1f}" for n in c.held_out)
+        + f" | {p['all']:.1f} |"
+    )
+    met = "met" if gain >= DISTILL_TARGET else "not met"
+    lines += ["", f"Distilled perplexity {gain:.1f}% lower than from scratch (target >= {DISTILL_TARGET:g}%: {met}).",
+              "", f"<!-- bench:{DISTILL_SECTION}:end -->", ""]  # fmt: skip
     return "\n".join(lines)

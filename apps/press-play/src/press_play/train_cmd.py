@@ -127,6 +127,31 @@ class _Display:
             self.bar.stop()
 
 
+class _Steps:
+    """A transient bar for a stage before training (teacher logits, greedy continuations): the
+    callback `(what, done, total)`; stopped when the stage is done or fails."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                            TextColumn("eta"), TimeRemainingColumn(), console=err, transient=True,
+                            disable=not err.is_terminal)  # fmt: skip
+        self.task = None
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task(what, total=total)
+        self.bar.update(self.task, completed=done, description=what)
+        if done >= total:
+            self.bar.stop()
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
 def _data(common: Common, base):
     from omni_model.corpus import default_cache_dir
     from omni_train import run
@@ -163,6 +188,7 @@ def distill(
     eval_every: EvalEvery = 100, seed: Seed = 0, data_cache: Cache = None,
     temperature: Annotated[float, typer.Option("--temperature", help="Softening of both distributions.")] = 2.0,
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of the teacher term (the rest: data CE).")] = 0.9,
+    cache_teacher: Annotated[int | None, typer.Option("--cache-teacher", min=1, max=4096, help="Compute the teacher's top-K logits of every training window once, beside the dataset, and train from them (no teacher during training).")] = None,
 ) -> None:  # fmt: skip
     """Distil the teacher into a small student sharing its tokenizer (KL on softened logits + CE)."""
     with reporting_errors():
@@ -174,8 +200,9 @@ def distill(
         with err.status(f"loading {escape(teacher)}"):
             t = run.load_base(teacher)
         ds = _data(c, t)
-        r = run.distill(student, t, ds, cfg, c.out, temperature=temperature, alpha=alpha, resume=c.resume,
-                        on_event=_Display())  # fmt: skip
+        with _Steps() as report:
+            r = run.distill(student, t, ds, cfg, c.out, temperature=temperature, alpha=alpha, cache_k=cache_teacher,
+                            resume=c.resume, on_event=_Display(), on_progress=report)  # fmt: skip
         _finish(r, f"distilled {student}", c.out / "model")
 
 
@@ -273,24 +300,9 @@ def heads(
         with err.status(f"loading {escape(model)}"):
             base = run.load_base(model)
         ds = _data(c, base)
-        gen = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                       console=err, transient=True, disable=not err.is_terminal)  # fmt: skip
-        task = None
-
-        def report(what: str, done: int, total: int) -> None:
-            nonlocal task
-            if task is None:
-                gen.start()
-                task = gen.add_task(f"{what} (the base's greedy continuations)", total=total)
-            gen.update(task, completed=done)
-            if done >= total:
-                gen.stop()
-
-        try:
+        with _Steps() as report:
             r = run.heads(base, ds, c.config(), c.out, hcfg, prompts=prompts, new_tokens=new_tokens, soft=soft,
                           resume=c.resume, on_event=_Display(), on_progress=report)  # fmt: skip
-        finally:
-            gen.stop()
         accs = ", ".join(f"head {k} {r.metrics[f'head{k}_acc']:.1%}" for k in range(1, n_heads + 1)
                          if f"head{k}_acc" in r.metrics)  # fmt: skip
         if accs:

@@ -177,6 +177,7 @@ class Batches:
             )
         self.epoch = self.index = 0
         self._order: tuple[int, np.ndarray] | None = None
+        self.last_windows = np.zeros(0, np.int64)
 
     def state(self) -> dict[str, int]:
         """Where the next batch comes from; `load_state` of it resumes exactly there."""
@@ -204,7 +205,8 @@ class Batches:
 
     def __next__(self) -> tuple[Tensor, Tensor]:
         first = (self.index * self.world + self.rank) * self.batch_size
-        starts = self.order(self.epoch)[first : first + self.batch_size] * self.seq_len
+        self.last_windows = self.order(self.epoch)[first : first + self.batch_size]  # for per-window sidecars
+        starts = self.last_windows * self.seq_len
         self.index += 1
         if self.index == self.steps_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0

@@ -259,6 +259,8 @@ def train(model: nn.Module, objective: Objective, train_tokens: np.ndarray, val_
     else:  # plan: time one step (its gradients thrown away, the data position and RNG untouched)
         rng = torch.get_rng_state()
         probe = Batches(train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed, rank=rank, world=world)
+        if hasattr(objective, "bind_batches"):
+            objective.bind_batches(probe)
         it = iter(probe)
         t0 = time.perf_counter()
         micro(*next(it), sync=True)
@@ -283,6 +285,8 @@ def train(model: nn.Module, objective: Objective, train_tokens: np.ndarray, val_
         if lead:
             out.mkdir(parents=True, exist_ok=True)
             _write_json(out / "plan.json", {"plan": plan, "config": asdict(cfg), "identity": identity})
+    if hasattr(objective, "bind_batches"):  # an objective with per-window sidecars (cached teacher logits)
+        objective.bind_batches(batches)
     total = plan["steps"]
     emit(Event("plan", step, total, plan))
     metrics_path = out / "metrics.jsonl"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,51 @@ class DistillObjective:
             )
         loss = distill_loss(s, t, y, self.temperature, self.alpha)
         return loss, {}
+
+    def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
+        return perplexity(model, batches)
+
+
+def topk_distill_loss(student: Tensor, t_values: Tensor, t_ids: Tensor, y: Tensor, temperature: float,
+                      alpha: float) -> Tensor:  # fmt: skip
+    """distill_loss with the teacher known only by its top-k logits: its softened distribution
+    renormalised over those k tokens, against the student's full-vocabulary log-probabilities there."""
+    v = student.shape[-1]
+    s = student.reshape(-1, v).float()
+    t_values, t_ids = t_values.reshape(-1, t_values.shape[-1]), t_ids.reshape(-1, t_ids.shape[-1])
+    log_s = F.log_softmax(s / temperature, -1).gather(1, t_ids)
+    log_t = F.log_softmax(t_values / temperature, -1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(s, y.reshape(-1))
+
+
+@dataclass
+class CachedDistillObjective:
+    """Distillation from a TeacherCache: the teacher's top-k logits of each served window, read from
+    disk, so no teacher runs during training."""
+
+    cache: Any  # omni_train.teacher_cache.TeacherCache
+    vocab_size: int
+    temperature: float = 2.0
+    alpha: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0 or not 0 <= self.alpha <= 1:
+            raise TrainError(
+                f"need temperature > 0 and 0 <= alpha <= 1, got {self.temperature}, {self.alpha}"
+            )
+        self._batches: Any = None
+
+    def bind_batches(self, batches: Any) -> None:
+        self._batches = batches
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        values, ids = self.cache.lookup(self._batches.last_windows)
+        if values.shape[:2] != x.shape or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise TrainError(
+                f"{self.cache.folder}: cached teacher logits do not fit this batch (corrupt cache)"
+            )
+        return topk_distill_loss(model(x), values, ids, y, self.temperature, self.alpha), {}
 
     def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
         return perplexity(model, batches)

@@ -21,7 +21,7 @@ from omni_model.loader import LoadedModel
 from omni_train.data import TokenDataset
 from omni_train.errors import TrainError
 from omni_train.loop import Event, TrainConfig, TrainResult, barrier, rank, train
-from omni_train.recipes import DistillObjective, LMObjective, student_config
+from omni_train.recipes import CachedDistillObjective, DistillObjective, LMObjective, student_config
 
 Progress = Callable[[str, int, int], None]
 
@@ -82,24 +82,51 @@ def pretrain(preset: str, base: LoadedModel, data: TokenDataset, cfg: TrainConfi
 
 
 def distill(preset: str, teacher: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, *,
-            temperature: float = 2.0, alpha: float = 0.9, resume: bool = False,
-            on_event: Callable[[Event], None] | None = None) -> TrainResult:  # fmt: skip
-    """The student preset trained on the teacher's softened distribution and the data."""
+            temperature: float = 2.0, alpha: float = 0.9, cache_k: int | None = None, resume: bool = False,
+            on_event: Callable[[Event], None] | None = None, on_progress: Progress | None = None) -> TrainResult:  # fmt: skip
+    """The student preset trained on the teacher's softened distribution and the data. With `cache_k`,
+    the teacher's top-k logits of every training window are computed once into a cache beside the
+    dataset (reused by later runs) and training reads them instead of running the teacher."""
     model = student(preset, teacher, cfg.seed)
     if model.config.vocab_size != teacher.config.vocab_size:
         raise TrainError(f"the student's vocabulary ({model.config.vocab_size}) differs from the teacher's "
                          f"({teacher.config.vocab_size})")  # fmt: skip
     _check_vocab(model.config, data, f"student {preset}")
-    obj = DistillObjective(teacher.model, temperature=temperature, alpha=alpha)
-    ident = _identity(
-        "distill", teacher, model.config, data, preset=preset, temperature=temperature, alpha=alpha
-    )
+    if cache_k is None:
+        obj: Any = DistillObjective(teacher.model, temperature=temperature, alpha=alpha)
+    else:
+        cache = teacher_cache(teacher, data, cfg.seq_len, cache_k, on_progress=on_progress)
+        obj = CachedDistillObjective(cache, teacher.config.vocab_size, temperature=temperature, alpha=alpha)
+    ident = _identity("distill", teacher, model.config, data, preset=preset, temperature=temperature, alpha=alpha,
+                      cache_k=cache_k)  # fmt: skip
     result = train(
         model, obj, data.train, data.val, cfg, out, resume=resume, identity=ident, on_event=on_event
     )
     _save(model, teacher, out, {"recipe": "distill", "teacher": teacher.source, "preset": preset,
-                                "temperature": temperature, "alpha": alpha, "train": asdict(cfg)})  # fmt: skip
+                                "temperature": temperature, "alpha": alpha, "cache_k": cache_k, "train": asdict(cfg)})  # fmt: skip
     return result
+
+
+def teacher_cache(teacher: LoadedModel, data: TokenDataset, seq_len: int, k: int, *,
+                  on_progress: Progress | None = None) -> Any:  # fmt: skip
+    """The teacher's top-k logits over the dataset's training windows, kept beside the dataset."""
+    from omni_train.teacher_cache import TeacherCache
+
+    tid = f"{teacher.source}@{source_sha256(teacher.source) or 'folder'}"
+    folder = (
+        data.folder.parent
+        / f"{data.folder.name}-teacher-{hashlib.sha256(tid.encode()).hexdigest()[:12]}-s{seq_len}-k{k}"
+    )
+    if rank() == 0:
+        TeacherCache.build(
+            teacher.model, data.train, folder, seq_len=seq_len, k=k, teacher_id=tid, on_progress=on_progress
+        )
+    barrier()
+    from omni_train.teacher_cache import tokens_sha256
+
+    windows = (len(data.train) - 1) // seq_len
+    return TeacherCache.open(folder, {"teacher": tid, "tokens": tokens_sha256(data.train), "seq_len": seq_len,
+                                      "k": k, "windows": windows})  # fmt: skip
 
 
 def moe(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, *, n_experts: int, top_k: int,

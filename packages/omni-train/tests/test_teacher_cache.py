@@ -1,0 +1,90 @@
+"""The teacher's top-k logits cached once: equal to running the teacher, resumable when interrupted,
+rebuilt when corrupt, and with k = vocabulary the cached loss is the full distillation loss."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omni_train import TrainConfig, TrainError, train
+from omni_train.recipes import CachedDistillObjective, distill_loss, topk_distill_loss
+from omni_train.teacher_cache import TeacherCache, tokens_sha256
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_loop import tiny, tokens  # the loop tests' tiny model and token stream
+
+
+def test_cache_equals_the_teacher_and_resumes(tmp_path):
+    teacher, data = tiny(seed=5).eval(), tokens(2000)
+    cache = TeacherCache.build(teacher, data, tmp_path / "c", seq_len=16, k=8, teacher_id="t", batch_size=16)
+    w = np.array([3, 40, 7])
+    vals, ids = cache.lookup(w)
+    x = torch.from_numpy(np.stack([data[i * 16 : i * 16 + 16] for i in w]).astype(np.int64))
+    with torch.no_grad():
+        top = teacher(x).topk(8, dim=-1)
+    torch.testing.assert_close(vals, top.values.half().float())
+    assert torch.equal(ids, top.indices)
+
+    def stop(what, done, total):
+        if done >= 32:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        TeacherCache.build(teacher, data, tmp_path / "r", seq_len=16, k=8, teacher_id="t", batch_size=16,
+                           on_progress=stop)  # fmt: skip
+    with pytest.raises(TrainError, match="incomplete"):
+        TeacherCache.open(
+            tmp_path / "r", {k: cache.meta[k] for k in ("teacher", "tokens", "seq_len", "k", "windows")}
+        )
+    seen = []
+    again = TeacherCache.build(teacher, data, tmp_path / "r", seq_len=16, k=8, teacher_id="t", batch_size=16,
+                               on_progress=lambda what, done, total: seen.append(done))  # fmt: skip
+    assert seen[0] == 32  # went on where it stopped
+    assert np.array_equal(again.values, cache.values) and np.array_equal(again.ids, cache.ids)
+
+
+def test_corrupt_or_foreign_cache_is_not_trusted(tmp_path):
+    teacher, data = tiny(seed=5).eval(), tokens(600)
+    c = TeacherCache.build(teacher, data, tmp_path / "c", seq_len=16, k=4, teacher_id="t")
+    ident = {k: c.meta[k] for k in ("teacher", "tokens", "seq_len", "k", "windows")}
+    with pytest.raises(TrainError, match="another teacher"):
+        TeacherCache.open(tmp_path / "c", ident | {"teacher": "other"})
+    with open(tmp_path / "c" / "ids.i32", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(TrainError, match=r"ids\.i32: missing or not"):
+        TeacherCache.open(tmp_path / "c", ident)
+    rebuilt = TeacherCache.build(teacher, data, tmp_path / "c", seq_len=16, k=4, teacher_id="t")
+    assert rebuilt.meta["done"] == rebuilt.meta["windows"] and rebuilt.meta["tokens"] == tokens_sha256(data)
+
+
+def test_topk_loss_with_every_token_is_the_full_loss():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    y = torch.randint(0, 64, (2, 5))
+    top = t.topk(64, dim=-1)
+    torch.testing.assert_close(
+        topk_distill_loss(s, top.values, top.indices, y, 2.0, 0.7), distill_loss(s, t, y, 2.0, 0.7)
+    )
+
+
+def test_training_from_the_cache_moves_the_student_toward_the_teacher(tmp_path):
+    teacher, data, val = tiny(seed=5).eval(), tokens(3000), tokens(800, 1)
+    with torch.no_grad():  # a confident teacher: its top 16 tokens hold nearly all of its mass
+        teacher.lm_head.weight.mul_(20)
+    cfg = TrainConfig(seq_len=16, batch_size=4, steps=30, warmup=2, eval_every=100, eval_batches=2, lr=3e-3)
+    cache = TeacherCache.build(teacher, data, tmp_path / "c", seq_len=16, k=16, teacher_id="t")
+    student = tiny(seed=1)
+    x = torch.from_numpy(val[:257].astype(np.int64))[None, :256]
+
+    def gap() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.kl_div(student(x).log_softmax(-1), teacher(x).log_softmax(-1),
+                                                    log_target=True, reduction="batchmean"))  # fmt: skip
+
+    before = gap()
+    train(student, CachedDistillObjective(cache, 64, alpha=1.0), data, val, cfg, tmp_path / "run")
+    assert gap() < 0.85 * before
