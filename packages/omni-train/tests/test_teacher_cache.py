@@ -22,12 +22,14 @@ def test_cache_equals_the_teacher_and_resumes(tmp_path):
     teacher, data = tiny(seed=5).eval(), tokens(2000)
     cache = TeacherCache.build(teacher, data, tmp_path / "c", seq_len=16, k=8, teacher_id="t", batch_size=16)
     w = np.array([3, 40, 7])
-    vals, ids = cache.lookup(w)
+    vals, ids, lse = cache.lookup(w)
     x = torch.from_numpy(np.stack([data[i * 16 : i * 16 + 16] for i in w]).astype(np.int64))
     with torch.no_grad():
         top = teacher(x).topk(8, dim=-1)
     torch.testing.assert_close(vals, top.values.half().float())
     assert torch.equal(ids, top.indices)
+    with torch.no_grad():
+        torch.testing.assert_close(lse, torch.logsumexp(teacher(x), -1))
 
     def stop(what, done, total):
         if done >= 32:
@@ -38,7 +40,8 @@ def test_cache_equals_the_teacher_and_resumes(tmp_path):
                            on_progress=stop)  # fmt: skip
     with pytest.raises(TrainError, match="incomplete"):
         TeacherCache.open(
-            tmp_path / "r", {k: cache.meta[k] for k in ("teacher", "tokens", "seq_len", "k", "windows")}
+            tmp_path / "r",
+            {k: cache.meta[k] for k in ("teacher", "tokens", "seq_len", "k", "temperature", "windows")},
         )
     seen = []
     again = TeacherCache.build(teacher, data, tmp_path / "r", seq_len=16, k=8, teacher_id="t", batch_size=16,
@@ -50,7 +53,7 @@ def test_cache_equals_the_teacher_and_resumes(tmp_path):
 def test_corrupt_or_foreign_cache_is_not_trusted(tmp_path):
     teacher, data = tiny(seed=5).eval(), tokens(600)
     c = TeacherCache.build(teacher, data, tmp_path / "c", seq_len=16, k=4, teacher_id="t")
-    ident = {k: c.meta[k] for k in ("teacher", "tokens", "seq_len", "k", "windows")}
+    ident = {k: c.meta[k] for k in ("teacher", "tokens", "seq_len", "k", "temperature", "windows")}
     with pytest.raises(TrainError, match="another teacher"):
         TeacherCache.open(tmp_path / "c", ident | {"teacher": "other"})
     with open(tmp_path / "c" / "ids.i32", "r+b") as f:
@@ -61,14 +64,21 @@ def test_corrupt_or_foreign_cache_is_not_trusted(tmp_path):
     assert rebuilt.meta["done"] == rebuilt.meta["windows"] and rebuilt.meta["tokens"] == tokens_sha256(data)
 
 
-def test_topk_loss_with_every_token_is_the_full_loss():
+def test_topk_loss_is_the_full_loss_with_every_token_and_keeps_the_tail():
     torch.manual_seed(0)
-    s, t = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    s, t = torch.randn(2, 5, 64), 3 * torch.randn(2, 5, 64)
     y = torch.randint(0, 64, (2, 5))
-    top = t.topk(64, dim=-1)
-    torch.testing.assert_close(
-        topk_distill_loss(s, top.values, top.indices, y, 2.0, 0.7), distill_loss(s, t, y, 2.0, 0.7)
-    )
+    lse = torch.logsumexp(t / 2.0, -1)
+    full = t.topk(64, dim=-1)
+    torch.testing.assert_close(topk_distill_loss(s, full.values, full.indices, lse, y, 2.0, 0.7),
+                               distill_loss(s, t, y, 2.0, 0.7))  # fmt: skip
+    # Top 8 of 64 plus the rest bucket: a student equal to the teacher has zero KL (renormalising over
+    # the 8 alone would not), and a student that puts no mass outside the top 8 pays for it.
+    top = t.topk(8, dim=-1)
+    lse1 = torch.logsumexp(t, -1)
+    assert float(topk_distill_loss(t, top.values, top.indices, lse1, y, 1.0, 1.0)) < 1e-5
+    greedy = torch.full_like(t, -30.0).scatter(-1, top.indices, top.values)
+    assert float(topk_distill_loss(greedy, top.values, top.indices, lse1, y, 1.0, 1.0)) > 0.05
 
 
 def test_training_from_the_cache_moves_the_student_toward_the_teacher(tmp_path):
@@ -76,7 +86,11 @@ def test_training_from_the_cache_moves_the_student_toward_the_teacher(tmp_path):
     with torch.no_grad():  # a confident teacher: its top 16 tokens hold nearly all of its mass
         teacher.lm_head.weight.mul_(20)
     cfg = TrainConfig(seq_len=16, batch_size=4, steps=30, warmup=2, eval_every=100, eval_batches=2, lr=3e-3)
-    cache = TeacherCache.build(teacher, data, tmp_path / "c", seq_len=16, k=16, teacher_id="t")
+    cache = TeacherCache.build(
+        teacher, data, tmp_path / "c", seq_len=16, k=16, teacher_id="t", temperature=2.0
+    )
+    with pytest.raises(TrainError, match="temperature"):
+        CachedDistillObjective(cache, 64, temperature=1.0)
     student = tiny(seed=1)
     x = torch.from_numpy(val[:257].astype(np.int64))[None, :256]
 

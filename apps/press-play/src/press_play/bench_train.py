@@ -285,7 +285,7 @@ def run_distill_bench(config: DistillBenchConfig, on_progress: Progress | None =
     rep.tokens = {"train": int(data.train.size), "validation": int(data.val.size),
                   "held_out": sum(int(t.size - 1) for t in held.values())}  # fmt: skip
     t0 = time.perf_counter()
-    tc = recipes.teacher_cache(teacher, data, config.seq_len, config.cache_k,
+    tc = recipes.teacher_cache(teacher, data, config.seq_len, config.cache_k, config.temperature,
                                on_progress=lambda what, d, t: report(f"teacher top-{config.cache_k} logits", d, t))  # fmt: skip
     rep.cache = {"s": time.perf_counter() - t0, "windows": tc.meta["windows"], "k": config.cache_k,
                  "bytes": sum(f.stat().st_size for f in tc.folder.iterdir())}  # fmt: skip

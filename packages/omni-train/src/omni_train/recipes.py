@@ -69,17 +69,23 @@ class DistillObjective:
         return perplexity(model, batches)
 
 
-def topk_distill_loss(student: Tensor, t_values: Tensor, t_ids: Tensor, y: Tensor, temperature: float,
-                      alpha: float) -> Tensor:  # fmt: skip
-    """distill_loss with the teacher known only by its top-k logits: its softened distribution
-    renormalised over those k tokens, against the student's full-vocabulary log-probabilities there."""
-    v = student.shape[-1]
+def topk_distill_loss(student: Tensor, t_values: Tensor, t_ids: Tensor, t_lse: Tensor, y: Tensor,
+                      temperature: float, alpha: float) -> Tensor:  # fmt: skip
+    """distill_loss with the teacher known by its top-k logits and the logsumexp of all of them (at
+    the temperature): the KL over k + 1 outcomes, the k tokens and "any other token", so the tail keeps
+    the mass the teacher gives it (renormalising over the k alone teaches the student that the text's
+    next token is never outside the teacher's top k, which wrecks its perplexity)."""
+    v, k = student.shape[-1], t_values.shape[-1]
     s = student.reshape(-1, v).float()
-    t_values, t_ids = t_values.reshape(-1, t_values.shape[-1]), t_ids.reshape(-1, t_ids.shape[-1])
-    log_s = F.log_softmax(s / temperature, -1).gather(1, t_ids)
-    log_t = F.log_softmax(t_values / temperature, -1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
-    return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(s, y.reshape(-1))
+    t_values, t_ids, t_lse = t_values.reshape(-1, k), t_ids.reshape(-1, k), t_lse.reshape(-1, 1)
+    log_s = F.log_softmax(s / temperature, -1)
+    log_s_top = log_s.gather(1, t_ids)  # (N, k)
+    log_t_top = (t_values / temperature - t_lse).clamp(max=0.0)  # (N, k), exact log-probabilities
+    eps = 1e-6
+    log_t_rest = torch.log1p(-log_t_top.exp().sum(-1).clamp(max=1 - eps))  # (N,)
+    log_s_rest = torch.log1p(-log_s_top.exp().sum(-1).clamp(max=1 - eps))
+    kl = (log_t_top.exp() * (log_t_top - log_s_top)).sum(-1) + log_t_rest.exp() * (log_t_rest - log_s_rest)
+    return alpha * temperature**2 * kl.mean() + (1 - alpha) * F.cross_entropy(s, y.reshape(-1))
 
 
 @dataclass
@@ -97,18 +103,22 @@ class CachedDistillObjective:
             raise TrainError(
                 f"need temperature > 0 and 0 <= alpha <= 1, got {self.temperature}, {self.alpha}"
             )
+        if self.cache.temperature != self.temperature:
+            raise TrainError(
+                f"{self.cache.folder}: cached at temperature {self.cache.temperature}, not {self.temperature}"
+            )
         self._batches: Any = None
 
     def bind_batches(self, batches: Any) -> None:
         self._batches = batches
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
-        values, ids = self.cache.lookup(self._batches.last_windows)
+        values, ids, lse = self.cache.lookup(self._batches.last_windows)
         if values.shape[:2] != x.shape or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
             raise TrainError(
                 f"{self.cache.folder}: cached teacher logits do not fit this batch (corrupt cache)"
             )
-        return topk_distill_loss(model(x), values, ids, y, self.temperature, self.alpha), {}
+        return topk_distill_loss(model(x), values, ids, lse, y, self.temperature, self.alpha), {}
 
     def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
         return perplexity(model, batches)

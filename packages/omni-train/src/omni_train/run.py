@@ -95,7 +95,7 @@ def distill(preset: str, teacher: LoadedModel, data: TokenDataset, cfg: TrainCon
     if cache_k is None:
         obj: Any = DistillObjective(teacher.model, temperature=temperature, alpha=alpha)
     else:
-        cache = teacher_cache(teacher, data, cfg.seq_len, cache_k, on_progress=on_progress)
+        cache = teacher_cache(teacher, data, cfg.seq_len, cache_k, temperature, on_progress=on_progress)
         obj = CachedDistillObjective(cache, teacher.config.vocab_size, temperature=temperature, alpha=alpha)
     ident = _identity("distill", teacher, model.config, data, preset=preset, temperature=temperature, alpha=alpha,
                       cache_k=cache_k)  # fmt: skip
@@ -107,7 +107,7 @@ def distill(preset: str, teacher: LoadedModel, data: TokenDataset, cfg: TrainCon
     return result
 
 
-def teacher_cache(teacher: LoadedModel, data: TokenDataset, seq_len: int, k: int, *,
+def teacher_cache(teacher: LoadedModel, data: TokenDataset, seq_len: int, k: int, temperature: float = 1.0, *,
                   on_progress: Progress | None = None) -> Any:  # fmt: skip
     """The teacher's top-k logits over the dataset's training windows, kept beside the dataset."""
     from omni_train.teacher_cache import TeacherCache
@@ -115,18 +115,17 @@ def teacher_cache(teacher: LoadedModel, data: TokenDataset, seq_len: int, k: int
     tid = f"{teacher.source}@{source_sha256(teacher.source) or 'folder'}"
     folder = (
         data.folder.parent
-        / f"{data.folder.name}-teacher-{hashlib.sha256(tid.encode()).hexdigest()[:12]}-s{seq_len}-k{k}"
+        / f"{data.folder.name}-teacher-{hashlib.sha256(tid.encode()).hexdigest()[:12]}-s{seq_len}-k{k}-t{temperature:g}"
     )
     if rank() == 0:
-        TeacherCache.build(
-            teacher.model, data.train, folder, seq_len=seq_len, k=k, teacher_id=tid, on_progress=on_progress
-        )
+        TeacherCache.build(teacher.model, data.train, folder, seq_len=seq_len, k=k, teacher_id=tid,
+                           temperature=temperature, on_progress=on_progress)  # fmt: skip
     barrier()
     from omni_train.teacher_cache import tokens_sha256
 
     windows = (len(data.train) - 1) // seq_len
     return TeacherCache.open(folder, {"teacher": tid, "tokens": tokens_sha256(data.train), "seq_len": seq_len,
-                                      "k": k, "windows": windows})  # fmt: skip
+                                      "k": k, "temperature": float(temperature), "windows": windows})  # fmt: skip
 
 
 def moe(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, *, n_experts: int, top_k: int,

@@ -4,6 +4,8 @@ distillation runs (and epochs, and resumed runs) do not pay for the teacher agai
     cache.json        format, teacher identity, the token array's sha256, seq_len, k, windows, done
     values.f16        (windows, seq_len, k) float16: the k largest logits at each position
     ids.i32           (windows, seq_len, k) int32: their token ids
+    lse.f32           (windows, seq_len) float32: logsumexp of all the logits / temperature, so that the
+                      top k's probabilities are exact and the rest of the vocabulary keeps its mass
 
 Windows are the loader's: window w is tokens[w*seq_len : (w+1)*seq_len] (`Batches` serves exactly
 these). The build writes into preallocated memory maps and records its progress in cache.json after
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from omni_train.errors import TrainError
 
-MANIFEST, FORMAT, VERSION = "cache.json", "omnicoder-teacher-topk", 1
+MANIFEST, FORMAT, VERSION = "cache.json", "omnicoder-teacher-topk", 2
 Progress = Callable[[str, int, int], None]
 
 
@@ -44,15 +46,22 @@ class TeacherCache:
         shape = (meta["windows"], meta["seq_len"], meta["k"])
         self.values = np.memmap(folder / "values.f16", np.float16, "r", shape=shape)
         self.ids = np.memmap(folder / "ids.i32", np.int32, "r", shape=shape)
+        self.lse = np.memmap(folder / "lse.f32", np.float32, "r", shape=shape[:2])
 
     @property
     def k(self) -> int:
         return self.meta["k"]
 
-    def lookup(self, windows: np.ndarray) -> tuple[Tensor, Tensor]:
-        """Top-k logits (B, T, k) float32 and ids (B, T, k) int64 of the given windows."""
+    @property
+    def temperature(self) -> float:
+        return self.meta["temperature"]
+
+    def lookup(self, windows: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k logits (B, T, k) float32, their ids (B, T, k) int64 and the logsumexp of all logits /
+        temperature (B, T) of the given windows."""
         return (torch.from_numpy(np.asarray(self.values[windows], np.float32)),
-                torch.from_numpy(np.asarray(self.ids[windows], np.int64)))  # fmt: skip
+                torch.from_numpy(np.asarray(self.ids[windows], np.int64)),
+                torch.from_numpy(np.asarray(self.lse[windows], np.float32)))  # fmt: skip
 
     @classmethod
     def open(cls, folder: str | Path, identity: dict[str, Any]) -> TeacherCache:
@@ -71,7 +80,8 @@ class TeacherCache:
     @classmethod
     @torch.inference_mode()
     def build(cls, teacher: nn.Module, tokens: np.ndarray, folder: str | Path, *, seq_len: int, k: int,
-              teacher_id: str, batch_size: int = 8, on_progress: Progress | None = None) -> TeacherCache:  # fmt: skip
+              teacher_id: str, temperature: float = 1.0, batch_size: int = 8,
+              on_progress: Progress | None = None) -> TeacherCache:  # fmt: skip
         """Compute (or finish, or reuse) the cache of `teacher` over `tokens`."""
         if not (isinstance(k, int) and 1 <= k <= 4096) or not (isinstance(seq_len, int) and seq_len >= 1):
             raise TrainError(
@@ -82,8 +92,10 @@ class TeacherCache:
         windows = (len(tokens) - 1) // seq_len
         if windows < 1:
             raise TrainError(f"teacher cache: {len(tokens)} tokens are fewer than one window of {seq_len}")
+        if not (isinstance(temperature, int | float) and temperature > 0):
+            raise TrainError(f"teacher cache: temperature must be positive, got {temperature!r}")
         identity = {"teacher": teacher_id, "tokens": tokens_sha256(tokens), "seq_len": seq_len, "k": k,
-                    "windows": windows}  # fmt: skip
+                    "temperature": float(temperature), "windows": windows}  # fmt: skip
         meta = _read(folder)
         fresh = meta is None or {key: meta.get(key) for key in identity} != identity
         if not fresh:
@@ -95,12 +107,14 @@ class TeacherCache:
         if fresh:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / MANIFEST).unlink(missing_ok=True)  # first: a half-made cache never looks complete
-            for name, dtype in (("values.f16", np.float16), ("ids.i32", np.int32)):
-                np.memmap(folder / name, dtype, "w+", shape=shape).flush()
+            for name, dtype, sh in (("values.f16", np.float16, shape), ("ids.i32", np.int32, shape),
+                                    ("lse.f32", np.float32, shape[:2])):  # fmt: skip
+                np.memmap(folder / name, dtype, "w+", shape=sh).flush()
             meta = {"format": FORMAT, "version": VERSION, **identity, "done": 0}
             _write(folder, meta)
         values = np.memmap(folder / "values.f16", np.float16, "r+", shape=shape)
         ids = np.memmap(folder / "ids.i32", np.int32, "r+", shape=shape)
+        lse = np.memmap(folder / "lse.f32", np.float32, "r+", shape=shape[:2])
         teacher.eval()
         done = meta["done"]
         while done < windows:
@@ -108,15 +122,17 @@ class TeacherCache:
             hi = min(windows, done + batch_size)
             starts = np.arange(done, hi) * seq_len
             x = torch.from_numpy(np.asarray(tokens[starts[:, None] + np.arange(seq_len)], np.int64))
-            top = teacher(x).float().topk(k, dim=-1)
+            logits = teacher(x).float()
+            top = logits.topk(k, dim=-1)
             values[done:hi] = top.values.numpy().astype(np.float16)
             ids[done:hi] = top.indices.numpy().astype(np.int32)
-            values.flush()
-            ids.flush()
+            lse[done:hi] = torch.logsumexp(logits / temperature, dim=-1).numpy()
+            for m in (values, ids, lse):
+                m.flush()
             done = hi
             _write(folder, {**meta, "done": done})  # after the data: progress never runs ahead of it
         report("teacher top-k logits", windows, windows)
-        del values, ids
+        del values, ids, lse
         return cls.open(folder, identity)
 
 
@@ -133,12 +149,15 @@ def _read(folder: Path) -> dict[str, Any] | None:
             return None
     if meta["done"] > meta["windows"] or not meta["seq_len"] or not meta["k"]:
         return None
+    t = meta.get("temperature")
+    if not isinstance(t, float) or not t > 0:
+        return None
     return meta
 
 
 def _check_sizes(folder: Path, meta: dict[str, Any]) -> None:
     n = meta["windows"] * meta["seq_len"] * meta["k"]
-    for name, size in (("values.f16", 2 * n), ("ids.i32", 4 * n)):
+    for name, size in (("values.f16", 2 * n), ("ids.i32", 4 * n), ("lse.f32", 4 * n // meta["k"])):
         path = folder / name
         if not path.is_file() or path.stat().st_size != size:
             raise TrainError(f"{path}: missing or not the {size} bytes {MANIFEST} implies")
