@@ -77,7 +77,8 @@ def read_state(folder: Path) -> dict[str, Any]:
         raise TrainError(f"{path}: not a version-{VERSION} OmniCoder training checkpoint")
     for key, kind in (("step", int), ("tokens", int), ("elapsed_s", float), ("plan", dict), ("data", dict)):
         v = st.get(key)
-        if not isinstance(v, kind | int if kind is float else kind) or isinstance(v, bool):
+        allowed = (float, int) if kind is float else (kind,)  # a JSON float may be written as an int
+        if not isinstance(v, allowed) or isinstance(v, bool):
             raise TrainError(f"{path}: field {key!r} must be {kind.__name__}, got {type(v).__name__}")
     if st["step"] < 0 or st["tokens"] < 0 or not math.isfinite(st["elapsed_s"]) or st["elapsed_s"] < 0:
         raise TrainError(f"{path}: step, tokens and elapsed_s must be non-negative")

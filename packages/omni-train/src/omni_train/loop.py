@@ -8,6 +8,7 @@ distillation, MTP heads); the loop only runs it. Progress goes to a callback, ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -241,7 +242,7 @@ def train(model: nn.Module, objective: Objective, train_tokens: np.ndarray, val_
             model.train()
 
     def micro(x: Tensor, y: Tensor, sync: bool) -> tuple[float, dict[str, float]]:
-        ctx = wrapped.no_sync() if world > 1 and not sync else _null()
+        ctx = wrapped.no_sync() if world > 1 and not sync else contextlib.nullcontext()
         with ctx:
             with torch.autocast("cpu", torch.bfloat16, enabled=cfg.bf16):
                 loss, info = objective.loss(wrapped, x, y)
@@ -384,11 +385,3 @@ def train(model: nn.Module, objective: Objective, train_tokens: np.ndarray, val_
     result = TrainResult(step, tokens, elapsed, stopped, last, ckpt)
     emit(Event("done", step, total, {"stopped": stopped, **last}))
     return result
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -118,9 +118,11 @@ def teacher_cache(teacher: LoadedModel, data: TokenDataset, seq_len: int, k: int
         / f"{data.folder.name}-teacher-{hashlib.sha256(tid.encode()).hexdigest()[:12]}-s{seq_len}-k{k}-t{temperature:g}"
     )
     if rank() == 0:
-        TeacherCache.build(teacher.model, data.train, folder, seq_len=seq_len, k=k, teacher_id=tid,
-                           temperature=temperature, on_progress=on_progress)  # fmt: skip
+        built = TeacherCache.build(teacher.model, data.train, folder, seq_len=seq_len, k=k, teacher_id=tid,
+                                   temperature=temperature, on_progress=on_progress)  # fmt: skip
     barrier()
+    if rank() == 0:
+        return built
     from omni_train.teacher_cache import tokens_sha256
 
     windows = (len(data.train) - 1) // seq_len
