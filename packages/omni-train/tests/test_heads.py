@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from omni_model.config import ModelConfig
 from omni_model.decoder import Decoder
+from omni_model.errors import CheckpointError, ConfigError
 from omni_train import TrainConfig, TrainError, train
 from omni_train.heads import (
     HeadedModel,
@@ -69,7 +70,7 @@ def randomize(heads: MedusaHeads, seed: int = 1) -> MedusaHeads:
 
 def test_config_and_objective_validate():
     for bad in ({"n_heads": 0}, {"layers": 0}, {"n_heads": 2.0}, {"n_heads": True}, {"layers": 10**6}):
-        with pytest.raises(TrainError, match="HeadsConfig") as e:
+        with pytest.raises(ConfigError, match="HeadsConfig") as e:
             HeadsConfig(**bad)
         assert "\n" not in str(e.value)
     with pytest.raises(TrainError, match="decay"):
@@ -151,7 +152,7 @@ def test_save_load_round_trip_and_untrusted_files(tmp_path):
     assert loaded.config == cfg and torch.equal(a[1], b[1]) and not torch.equal(a[1][0], a[0])
 
     def fails(match: str, folder=out, model=base, sha: str | None = None) -> None:
-        with pytest.raises(TrainError, match=match) as e:
+        with pytest.raises(CheckpointError, match=match) as e:
             load_heads(folder, model, base_sha256=sha)
         assert "\n" not in str(e.value)
 
@@ -189,9 +190,9 @@ def test_save_load_round_trip_and_untrusted_files(tmp_path):
     fails("no heads.json", folder=tmp_path)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x").write_text("keep me")
-    with pytest.raises(TrainError, match="not a Medusa heads folder"):
+    with pytest.raises(CheckpointError, match="not a Medusa heads folder"):
         save_heads(heads, cfg, tmp_path / "other", base="tiny", base_sha256=None, base_dim=D, vocab_size=V)
-    with pytest.raises(TrainError, match="of dim 32; the call says"):
+    with pytest.raises(CheckpointError, match="of dim 32; the call says"):
         save_heads(heads, cfg, tmp_path / "h2", base="tiny", base_sha256=None, base_dim=64, vocab_size=V)
 
 

@@ -4,7 +4,8 @@ t+k+1 through `layers` residual blocks x + SiLU(W x + b) and the base's own froz
 saved). W = b = 0 at init, so every head starts as the base's next-token head. This is Medusa's parallel
 form; DeepSeek-V3's MTP (omni_model.mtp) is the sequential one.
 
-Training is Medusa's self-distillation: head k at t learns the base's greedy token at t+k+1
+The heads themselves (HeadsConfig, MedusaHeads, save_heads, load_heads) live in omni_model.medusa, where
+omni_runtime finds them to draft with. Training is Medusa's self-distillation: head k at t learns the base's greedy token at t+k+1
 (or its whole distribution, `soft`), on text or on the base's own greedy continuations
 (`greedy_continuations`), which is what the heads meet when drafting. Heads save on their own
 (`heads.safetensors` + `heads.json`, naming the base they belong to).
@@ -12,24 +13,17 @@ Training is Medusa's self-distillation: head k at t learns the base's greedy tok
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from omni_model.decoder import Decoder
-from omni_model.files import replace_dir
+from omni_model.medusa import HeadsConfig, MedusaHeads, head_logits, load_heads, save_heads
 from omni_train.data import token_dtype, val_batches
 from omni_train.errors import TrainError
 from omni_train.loop import Batch
@@ -39,45 +33,6 @@ FORMAT, VERSION = "omni-medusa-heads", 1
 MAX_META_BYTES = 1 << 16  # heads.json is a config and a base name: bytes
 MAX_HEADS = MAX_LAYERS = 32  # a bound for untrusted configs; Medusa uses 3-5 heads of 1 layer
 Progress = Callable[[str, int, int], None]  # (what is happening, steps done, steps in all)
-
-
-@dataclass(frozen=True)
-class HeadsConfig:
-    n_heads: int = 3  # head k predicts token t+k+1; the base itself predicts t+1
-    layers: int = 1  # residual blocks per head
-
-    def __post_init__(self) -> None:
-        for name, hi in (("n_heads", MAX_HEADS), ("layers", MAX_LAYERS)):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi):
-                raise TrainError(f"HeadsConfig.{name} must be an integer in 1..{hi}, got {v!r}")
-
-
-class ResBlock(nn.Module):
-    """x + SiLU(W x + b), zero at init: SiLU(0) = 0, so the block starts as the identity."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim, dim)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + F.silu(self.linear(x))
-
-
-class MedusaHeads(nn.Module):
-    """The heads' blocks; `forward(h)` maps hidden states (B, T, D) to one per head (n, B, T, D)."""
-
-    def __init__(self, dim: int, cfg: HeadsConfig) -> None:
-        super().__init__()
-        self.dim, self.config = dim, cfg
-        self.blocks = nn.ModuleList(
-            nn.Sequential(*(ResBlock(dim) for _ in range(cfg.layers))) for _ in range(cfg.n_heads)
-        )
-
-    def forward(self, h: Tensor) -> Tensor:
-        return torch.stack([head(h) for head in self.blocks])  # (n, B, T, D)
 
 
 class HeadedModel(nn.Module):
@@ -102,8 +57,7 @@ class HeadedModel(nn.Module):
         with torch.no_grad():
             h = self.base.hidden_states(x)  # (B, T, D)
             logits = self.base.logits(h)  # (B, T, V)
-        z = self.heads(h.to(next(self.heads.parameters()).dtype)).to(h.dtype)  # (n, B, T, D)
-        return logits, self.base.logits(z)  # (n, B, T, V)
+        return logits, head_logits(self.base, self.heads, h)  # (n, B, T, V)
 
 
 @dataclass
@@ -266,105 +220,18 @@ def _greedy(base: Decoder, prompt: Tensor, new_tokens: int, eos: int | None) -> 
     return torch.stack(out, 1)
 
 
-def save_heads(heads: MedusaHeads, cfg: HeadsConfig, folder: str | Path, *, base: str, base_sha256: str | None,
-               base_dim: int, vocab_size: int) -> Path:  # fmt: skip
-    """Write heads.safetensors and heads.json (config, dim, vocabulary, base identity) to `folder`, atomically."""
-    if heads.config != cfg or heads.dim != base_dim:
-        raise TrainError(f"heads {heads.config} of dim {heads.dim}; the call says {cfg} of dim {base_dim}")
-    out = Path(folder)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp / WEIGHTS)
-        )
-        meta = {"format": FORMAT, "version": VERSION, "config": asdict(cfg), "dim": base_dim,
-                "vocab_size": vocab_size, "base": base, "base_sha256": base_sha256}  # fmt: skip
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-        os.chmod(tmp, 0o755)
-        replace_dir(tmp, out, marker=META, what="a Medusa heads folder", error=TrainError)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def load_heads(folder: str | Path, base_model: Decoder, *, base_sha256: str | None = None) -> MedusaHeads:
-    """Heads saved by `save_heads`, checked against `base_model` (dim, vocabulary) and, when given,
-    the base's sha256; every tensor's name, shape and values are checked before use."""
-    folder = Path(folder)
-    meta_path, weights_path = folder / META, folder / WEIGHTS
-    for p in (meta_path, weights_path):
-        if not p.is_file():
-            raise TrainError(f"{folder}: no {p.name} (not a Medusa heads folder; see save_heads)")
-    cfg, dim, vocab, base, sha = _read_meta(meta_path)
-    ours = base_model.config
-    if (base_sha256 is not None and sha != base_sha256) or (dim, vocab) != (ours.dim, ours.vocab_size):
-        raise TrainError(
-            f"{meta_path}: heads trained for another base ({base!r}: dim {dim}, vocabulary {vocab}, sha256 "
-            f"{sha or 'not recorded'}; this one: dim {ours.dim}, vocabulary {ours.vocab_size}, sha256 "
-            f"{base_sha256 or 'not given'})"
-        )
-    heads = MedusaHeads(dim, cfg)
-    want = {k: tuple(v.shape) for k, v in heads.state_dict().items()}
-    try:
-        got = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise TrainError(f"{weights_path}: not a readable safetensors file: {_short(e)}") from None
-    if missing := sorted(set(want) - set(got)):
-        raise TrainError(f"{weights_path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
-    if unexpected := sorted(set(got) - set(want)):
-        raise TrainError(f"{weights_path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
-    for k, shape in want.items():
-        t = got[k]
-        if tuple(t.shape) != shape:
-            raise TrainError(
-                f"{weights_path}: tensor {k!r} has shape {tuple(t.shape)}, the heads need {shape}"
-            )
-        if not t.is_floating_point() or not torch.isfinite(t).all():
-            raise TrainError(f"{weights_path}: tensor {k!r} is not finite floating point ({t.dtype})")
-    with torch.no_grad():
-        for k, v in heads.state_dict().items():
-            v.copy_(got[k])
-    return heads
-
-
-def _read_meta(path: Path) -> tuple[HeadsConfig, int, int, str, str | None]:
-    """heads.json's config, dim, vocabulary size and base identity, every field's type checked."""
-    if path.stat().st_size > MAX_META_BYTES:
-        raise TrainError(
-            f"{path}: {path.stat().st_size:,} bytes; a heads.json holds at most {MAX_META_BYTES:,}"
-        )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise TrainError(f"{path}: not readable JSON: {_short(e)}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TrainError(f"{path}: not an OmniCoder Medusa heads file (format {FORMAT!r})")
-    if meta.get("version") != VERSION:
-        raise TrainError(f"{path}: heads format version {meta.get('version')!r}; this build reads {VERSION}")
-    c = meta.get("config")
-    if not isinstance(c, dict):
-        raise TrainError(f"{path}: 'config' must be a JSON object, got {_short(c)}")
-    try:
-        cfg = HeadsConfig(**{k: c.get(k) for k in ("n_heads", "layers")})
-    except TrainError as e:
-        raise TrainError(f"{path}: {e}") from None
-    for key in ("dim", "vocab_size"):
-        v = meta.get(key)
-        if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 24):
-            raise TrainError(f"{path}: {key!r} must be a positive integer, got {_short(v)}")
-    base, sha = meta.get("base"), meta.get("base_sha256")
-    if not isinstance(base, str):
-        raise TrainError(f"{path}: 'base' must be a string, got {_short(base)}")
-    if sha is not None and not isinstance(sha, str):
-        raise TrainError(f"{path}: 'base_sha256' must be a string or null, got {_short(sha)}")
-    return cfg, meta["dim"], meta["vocab_size"], base, sha
-
-
 def _desc(v: Any) -> str:
     return f"{tuple(v.shape)} {v.dtype}" if isinstance(v, Tensor) else type(v).__name__
 
 
-def _short(v: Any) -> str:
-    return " ".join(str(v).split())[:120]
+__all__ = [
+    "HeadedModel",
+    "HeadsConfig",
+    "HeadsObjective",
+    "MedusaHeads",
+    "greedy_continuations",
+    "head_accuracy",
+    "load_heads",
+    "sample_prompts",
+    "save_heads",
+]
