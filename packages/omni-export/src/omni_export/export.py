@@ -135,7 +135,7 @@ def export_onnx(
                              "tensors_quantized_from_float": origin["quantized"]},
             "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "logits_to_keep": "logits_to_keep",
                        "past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value"},
-            "outputs": {"logits": "logits", "present_key": "present.{i}.key", "present_value": "present.{i}.value"},
+            "outputs": {"logits": "logits", "hidden_states": "hidden_states", "present_key": "present.{i}.key", "present_value": "present.{i}.value"},
             "kv": _kv_manifest(cfg, config.kv) | ({"calibration": KV_CALIBRATION} if calibration else {}),
             "weight_bytes": weight_bytes, "file_bytes": (tmp / DATA).stat().st_size + (tmp / GRAPH).stat().st_size,
             "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(lm.tokenizer.eos_token_ids),

@@ -9,7 +9,8 @@ SwiGLU whose gate and up projections are one matmul. Projections are `MatMul` ov
 Inputs: `input_ids` (batch, sequence) int64; `attention_mask` (batch, total_sequence) int64, ones
 for every cached and new token; `logits_to_keep` int64 scalar (0: logits for every position, k:
 the last k); `past_key_values.{i}.key|value` (batch, kv_heads, past_sequence, head_dim). Outputs:
-`logits` (batch, kept positions, vocab) float32 and `present.{i}.key|value`. When a runtime binds
+`logits` (batch, kept positions, vocab) float32, `hidden_states` (batch, kept positions, dim), the
+final-normed states the head reads (what Medusa-style draft heads take), and `present.{i}.key|value`. When a runtime binds
 a past buffer of max_sequence positions to its present output as well, GroupQueryAttention writes
 the new entries in place: decode copies nothing (omni_runtime does this).
 """
@@ -186,13 +187,10 @@ class _Builder:
         starts = g.op("Neg", [g.op("Reshape", [keep, g.const("shape1", np.array([1], np.int64))])])
         h = g.op(
             "Slice",
-            [
-                h,
-                starts,
-                g.const("int64_max", np.array([INT64_MAX], np.int64)),
-                g.const("axes1", np.array([1], np.int64)),
-            ],
-        )
+            [h, starts, g.const("int64_max", np.array([INT64_MAX], np.int64)), g.const("axes1", np.array([1], np.int64))],
+            outputs=["hidden_states"],
+        )  # fmt: skip
+        g.output("hidden_states", TensorProto.FLOAT, ["batch", "kept_sequence", cfg.dim])
         head = (
             self.w.get("lm_head.weight", self.w["embed_tokens.weight"])
             if cfg.tie_embeddings

@@ -210,6 +210,9 @@ class _Stream:
         self.tail = torch.zeros(batch, heads, 0, dim, dtype=torch.float32, device=device)
         self.n_coded = 0  # tokens held as codes
         self.n_tail = 0  # tokens held in full precision after them
+        # The tokens the last coding moved out of the tail (first index, full-precision values): a
+        # rollback (speculative decoding) puts back those that plain writing would still hold in full.
+        self._undo: tuple[int, Tensor] | None = None
 
     @property
     def n(self) -> int:
@@ -218,10 +221,29 @@ class _Stream:
     def _scale_rows(self, tokens: int) -> int:
         return tokens if self.spec.axis == "token" else tokens // self.spec.group  # type: ignore[operator]
 
+    def coded_at(self, n: int) -> int:
+        """How many of n tokens writing holds as codes: all but the newest `residual`, in whole groups
+        along the token axis for per-channel streams."""
+        excess = n - self.spec.residual
+        if self.spec.axis == "channel":
+            excess = (excess // self.spec.group) * self.spec.group  # type: ignore[operator]
+        return max(excess, 0)
+
     def truncate(self, n: int) -> None:
-        """Keep the first n tokens."""
+        """Keep the first n tokens, in the state writing n tokens leaves when the last coding's
+        full-precision values cover what must return to the tail (a rollback after a write)."""
         if n >= self.n:
             return
+        c = self.coded_at(n)
+        if self._undo is not None and self._undo[0] <= c < self.n_coded:
+            start, full = self._undo
+            kept_tail = self.tail[:, :, : max(n - self.n_coded, 0)].clone()
+            back = full[:, :, c - start : min(self.n_coded, n) - start]
+            self.n_coded, self.n_tail, self._undo = c, 0, None
+            self._append_tail(back)
+            self._append_tail(kept_tail)
+            return
+        self._undo = None
         if n >= self.n_coded:
             self.n_tail = n - self.n_coded
             return
@@ -257,6 +279,7 @@ class _Stream:
     def _code(self, n: int) -> None:
         """Move the oldest n tail tokens into the coded part."""
         x = self.tail[:, :, :n]
+        self._undo = (self.n_coded, x.clone())
         codes, scale, offset = quantize(
             x if self.channel_scale is None else x / self.channel_scale, self.spec
         )
@@ -275,9 +298,7 @@ class _Stream:
         into out (B, H, >= at + T, D), or a view of the tail while nothing is coded."""
         self.truncate(at)
         self._append_tail(x.float())
-        excess = self.n_tail - self.spec.residual
-        if self.spec.axis == "channel":
-            excess = (excess // self.spec.group) * self.spec.group  # type: ignore[operator]
+        excess = self.coded_at(self.n) - self.n_coded
         if excess > 0:
             self._code(excess)
         if not self.n_coded:

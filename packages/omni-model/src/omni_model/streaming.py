@@ -18,6 +18,27 @@ FinishReason = Literal["length", "stop_token", "stop_string"]
 
 
 @dataclass(frozen=True)
+class SpeculationStats:
+    """What speculative decoding did: `steps` verification forwards, `drafted` tokens proposed to them
+    and `accepted` of those kept; each step also yields one token of the target's own."""
+
+    proposer: str
+    draft_tokens: int  # the most drafts one step verifies
+    steps: int
+    drafted: int
+    accepted: int
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens each verification forward yields: accepted drafts plus the target's own token."""
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     token_ids: tuple[int, ...]  # generated tokens, without the prompt and without a final stop token
     finish_reason: FinishReason
@@ -26,10 +47,12 @@ class GenerationResult:
     n_prompt: int
     n_generated: int
     text: str | None = None  # set by generate_text: the decoded text, without any stop string
+    speculation: SpeculationStats | None = None  # set by speculative decoding
 
     @property
     def decode_steps(self) -> int:
-        """Forwards after the prefill: one per sampled token after the first (a stop token counts)."""
+        """Tokens after the first (a stop token counts): forwards after the prefill in plain decoding,
+        so that decode tokens/s compare across plain and speculative decoding."""
         return max(self.n_generated + (self.finish_reason == "stop_token") - 1, 0)
 
     @property

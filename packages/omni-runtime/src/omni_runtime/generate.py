@@ -16,13 +16,20 @@ from omni_model.streaming import GenerationResult, decode_loop, stream_text, tok
 from omni_model.tokenizer import Tokenizer
 from omni_runtime.engine import Engine
 from omni_runtime.sampling import sample
+from omni_runtime.speculative import Proposer, speculative_generate
 
 
 def generate(
     engine: Engine, prompt_ids: Sequence[int], config: SamplingConfig, *,
     on_token: Callable[[int], None] | None = None, stop_check: Callable[[Sequence[int]], bool] | None = None,
+    speculative: Proposer | None = None, draft_tokens: int = 4,
 ) -> GenerationResult:  # fmt: skip
-    """Generate up to config.max_new_tokens after `prompt_ids`; the engine's cache is reset first."""
+    """Generate up to config.max_new_tokens after `prompt_ids`; the engine's cache is reset first.
+    With a `speculative` proposer (omni_runtime.speculative), up to `draft_tokens` drafts are verified
+    per forward; greedy output is the same, sampled output follows the same distribution."""
+    if speculative is not None:
+        return speculative_generate(engine, prompt_ids, config, speculative, draft_tokens=draft_tokens,
+                                    on_token=on_token, stop_check=stop_check)  # fmt: skip
     n_prompt = len(prompt_ids)
     budget = token_budget(n_prompt, engine.max_seq_len, config, "engine")
     rng = None if config.greedy else np.random.default_rng(config.seed)
@@ -44,9 +51,8 @@ def generate(
 
 def generate_text(
     engine: Engine, tokenizer: Tokenizer, prompt: str, config: SamplingConfig,
-    on_text: Callable[[str], None] | None = None,
+    on_text: Callable[[str], None] | None = None, speculative: Proposer | None = None, draft_tokens: int = 4,
 ) -> GenerationResult:  # fmt: skip
     """Generate from a text prompt; stream the final text to `on_text` (stop strings held back)."""
-    return stream_text(
-        tokenizer, prompt, config, on_text, lambda ids, cfg, **kw: generate(engine, ids, cfg, **kw)
-    )
+    return stream_text(tokenizer, prompt, config, on_text, lambda ids, cfg, **kw: generate(
+        engine, ids, cfg, speculative=speculative, draft_tokens=draft_tokens, **kw))  # fmt: skip

@@ -125,14 +125,27 @@ class OrtEngine:
         # once: cache buffers as past and present, and a preallocated (1, 1, V) logits buffer; a step
         # rebinds only the three small inputs.
         self._last = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.vocab_size), np.float32))
+        self.hidden_size = m["config"].get("dim") if self.has_hidden else None
+        self._last_hidden = (
+            ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.hidden_size), np.float32))
+            if self.has_hidden else None
+        )  # fmt: skip
         self._last_binding = self._bind(self._last)
+        self._hidden = np.zeros(
+            (0, self.hidden_size or 0), np.float32
+        )  # the last call's, when the graph has them
 
-    def _bind(self, logits: ort.OrtValue | None) -> ort.SessionIOBinding:
+    def _bind(self, logits: ort.OrtValue | None, hidden: bool = False) -> ort.SessionIOBinding:
         b = self.session.io_binding()
         if logits is None:
             b.bind_output("logits", "cpu")  # first, so that it is get_outputs()[0]
         else:
             b.bind_ortvalue_output("logits", logits)
+        if self.has_hidden:  # an output left unbound would still be computed and allocated
+            if logits is not None:
+                b.bind_ortvalue_output("hidden_states", self._last_hidden)
+            else:
+                b.bind_output("hidden_states", "cpu")  # get_outputs()[1]
         for i, layer in enumerate(self._kv):
             for part, value in layer.items():
                 b.bind_ortvalue_input(f"past_key_values.{i}.{part}", value)
@@ -150,6 +163,8 @@ class OrtEngine:
             f"past_key_values.{i}.{kv}" for i in range(self.n_layers) for kv in parts
         }
         want_out = {"logits"} | {f"present.{i}.{kv}" for i in range(self.n_layers) for kv in parts}
+        self.has_hidden = "hidden_states" in outputs  # exports before speculative decoding lack it
+        outputs.discard("hidden_states")
         if inputs != want_in or outputs != want_out:
             missing = sorted((want_in - inputs) | (want_out - outputs)) or sorted(
                 (inputs - want_in) | (outputs - want_out)
@@ -164,6 +179,30 @@ class OrtEngine:
 
     def forward(self, ids: Sequence[int], last_only: bool = True) -> np.ndarray:
         x = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        self._check(x)
+        n = x.shape[1]
+        if n > self.prefill_chunk:
+            c = self.prefill_chunk
+            parts = [self._run(x[:, s : s + c], last_only) for s in range(0, n, c)]
+            return parts[-1] if last_only else np.concatenate(parts)
+        return self._run(x, last_only)
+
+    def forward_hidden(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Append `ids`; return their logits (T, V) and final-normed hidden states (T, D)."""
+        if not self.has_hidden:
+            raise EngineError(
+                f"{self.folder}: the graph has no hidden_states output (exported before speculative decoding; "
+                "export it again)"
+            )
+        x = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        self._check(x)
+        logits, hidden = [], []
+        for s in range(0, x.shape[1], self.prefill_chunk):
+            logits.append(self._run(x[:, s : s + self.prefill_chunk], False))
+            hidden.append(self._hidden)
+        return np.concatenate(logits), np.concatenate(hidden)
+
+    def _check(self, x: np.ndarray) -> None:
         n = x.shape[1]
         if n == 0:
             raise EngineError("forward needs at least one token")
@@ -171,11 +210,6 @@ class OrtEngine:
             raise EngineError(f"{self._len + n} tokens exceed the engine's max_seq_len of {self.max_seq_len}")
         if x.min() < 0 or x.max() >= self.vocab_size:
             raise EngineError(f"token ids must be in 0..{self.vocab_size - 1}")
-        if n > self.prefill_chunk:
-            c = self.prefill_chunk
-            parts = [self._run(x[:, s : s + c], last_only) for s in range(0, n, c)]
-            return parts[-1] if last_only else np.concatenate(parts)
-        return self._run(x, last_only)
 
     def _run(self, x: np.ndarray, last_only: bool) -> np.ndarray:
         n = x.shape[1]
@@ -187,15 +221,20 @@ class OrtEngine:
             for name in self._present_names:
                 b.bind_output(name, "cpu")
         self.session.run_with_iobinding(b)
-        if self.kv_dtype == "int8":  # outputs in binding order: logits, then each layer's parts
-            new = iter(b.get_outputs()[1:])
+        if self.kv_dtype == "int8":  # outputs in binding order: logits, hidden states, each layer's parts
+            new = iter(b.get_outputs()[1 + self.has_hidden :])
             for layer in self._buffers:
                 for a in layer.values():
                     a[:, :, self._len : self._len + n] = next(new).numpy()
         self._len += n
         if last_only:
+            if self.has_hidden:
+                self._hidden = self._last_hidden.numpy()[0].copy()  # type: ignore[union-attr]
             return self._last.numpy()[0].copy()  # (1, V); the buffer is reused by the next step
-        return b.get_outputs()[0].numpy()[0]  # (T, V)
+        outs = b.get_outputs()
+        if self.has_hidden:
+            self._hidden = outs[1].numpy()[0]
+        return outs[0].numpy()[0]  # (T, V)
 
     def rollback(self, n: int) -> None:
         if not 0 <= n <= self._len:

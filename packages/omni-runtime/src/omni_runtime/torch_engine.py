@@ -21,7 +21,7 @@ class TorchEngine:
         """`cache`: the KV cache kind (omni_kv.CacheSpec; dense by default). A sink + window cache
         lets generation run past the model's context, so max_seq_len does not cap it."""
         self.lm, self.model = lm, lm.model
-        self.vocab_size = lm.config.vocab_size
+        self.vocab_size, self.hidden_size = lm.config.vocab_size, lm.config.dim
         self.max_seq_len = min(max_seq_len or lm.config.max_seq_len, lm.config.max_seq_len)
         if cache is not None and cache.kind in ("sink", "window"):
             self.max_seq_len = max_seq_len or 1 << 30
@@ -48,6 +48,13 @@ class TorchEngine:
         self._check(ids)
         x = torch.tensor([list(ids)], dtype=torch.long)
         return self.model(x, cache=self._cache, last_only=last_only)[0].numpy()
+
+    @torch.inference_mode()
+    def forward_hidden(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Append `ids`; return their logits (T, V) and final-normed hidden states (T, D)."""
+        self._check(ids)
+        h = self.model.hidden_states(torch.tensor([list(ids)], dtype=torch.long), cache=self._cache)
+        return self.model.logits(h)[0].numpy(), h[0].float().numpy()
 
     @torch.inference_mode()  # caches may write on rollback and reset (buffers made under inference mode)
     def rollback(self, n: int) -> None:

@@ -1,0 +1,293 @@
+"""Speculative decoding over the Engine protocol: a proposer drafts tokens, one forward verifies them.
+
+Each step feeds the engine the last sampled token followed by up to `draft_tokens` drafts and gets
+logits for every position. Row i is the target's distribution after draft i-1, so drafts are checked
+in order and the first miss ends the step; the target's own token from the row after the last kept
+draft is always added, so every step yields at least one token. Rejected drafts leave the KV cache by
+`engine.rollback`, which every cache kind of omni-kv supports.
+
+Verification (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318):
+- greedy: a draft is kept when it is the target's argmax, so the output equals plain greedy decoding
+  token for token (up to the engine computing several rows at once in the same way as one);
+- sampling: draft x drawn from q is kept with probability min(1, p(x) / q(x)); on a miss the token is
+  drawn from max(p - q, 0), renormalised. Every token then follows the target's p exactly. p and q are
+  the processed distributions (repetition penalty, temperature, top-k, top-p, min-p) that plain
+  sampling uses; proposers that do not sample (prompt lookup, heads) have q = a point mass.
+
+Proposers: `PromptLookup` (n-grams of the text so far), `DraftModel` (a smaller engine with the same
+vocabulary) and `HeadsProposer` (Medusa-style heads reading the target's hidden state).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from omni_model.errors import GenerationError
+from omni_model.sampling_config import SamplingConfig
+from omni_model.streaming import FinishReason, GenerationResult, SpeculationStats, token_budget
+from omni_runtime.engine import Engine, EngineError
+from omni_runtime.sampling import process_logits
+
+MAX_DRAFT_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Draft:
+    tokens: list[int]
+    q: np.ndarray | None = (
+        None  # (len(tokens), V) the distributions they were sampled from; None: point masses
+    )
+
+
+class Proposer(Protocol):
+    name: str
+    needs_hidden: bool  # the step passes the target's hidden state at the last position to `propose`
+
+    def reset(self) -> None:
+        """Forget the previous sequence."""
+        ...
+
+    def propose(self, context: Sequence[int], k: int, hidden: np.ndarray | None, pick: Picker) -> Draft:
+        """Up to k tokens to follow `context` (prompt and every token so far)."""
+        ...
+
+
+class Picker:
+    """Turns logits into a token the way the generate loop does (processing, greedy or a draw from the
+    shared generator), and gives the processed distribution a sampled draft needs as its q."""
+
+    def __init__(self, config: SamplingConfig, rng: np.random.Generator | None) -> None:
+        self.config, self.rng = config, rng
+        self.penalty = config.repetition_penalty != 1.0
+
+    def probs(self, logits: np.ndarray, seen: Sequence[int]) -> np.ndarray:
+        z = process_logits(logits, self.config, np.asarray(seen, np.int64) if self.penalty else None)
+        z = z.astype(np.float64)
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    def greedy(self, logits: np.ndarray, seen: Sequence[int]) -> int:
+        return int(
+            np.argmax(
+                process_logits(logits, self.config, np.asarray(seen, np.int64) if self.penalty else None)
+            )
+        )
+
+    def draw(self, p: np.ndarray) -> int:
+        assert self.rng is not None
+        return int(self.rng.choice(p.shape[0], p=p))
+
+
+def verify(logits: np.ndarray, draft: Draft, seen: list[int], pick: Picker) -> tuple[int, int]:
+    """(drafts kept, the target's next token). logits (k+1, V): row i follows `seen` plus drafts < i."""
+    k = len(draft.tokens)
+    if pick.config.greedy:
+        for i, d in enumerate(draft.tokens):
+            t = pick.greedy(logits[i], seen + draft.tokens[:i])
+            if t != d:
+                return i, t
+        return k, pick.greedy(logits[k], seen + draft.tokens)
+    rng = pick.rng
+    assert rng is not None
+    for i, d in enumerate(draft.tokens):
+        p = pick.probs(logits[i], seen + draft.tokens[:i])
+        qd = 1.0 if draft.q is None else float(draft.q[i, d])
+        if qd > 0 and rng.random() < min(1.0, p[d] / qd):
+            continue
+        if draft.q is None:
+            residual = p.copy()
+            residual[d] = 0.0
+        else:
+            residual = np.maximum(p - draft.q[i], 0.0)
+        total = residual.sum()
+        return i, pick.draw(residual / total if total > 0 else p)
+    return k, pick.draw(pick.probs(logits[k], seen + draft.tokens))
+
+
+def speculative_generate(
+    engine: Engine, prompt_ids: Sequence[int], config: SamplingConfig, proposer: Proposer, *,
+    draft_tokens: int = 4, on_token: Callable[[int], None] | None = None,
+    stop_check: Callable[[Sequence[int]], bool] | None = None,
+) -> GenerationResult:  # fmt: skip
+    """`generate`'s contract (stop tokens, stop checks, timings, the budget) with drafted tokens
+    verified several per forward; the result's `speculation` holds the acceptance statistics."""
+    if not (
+        isinstance(draft_tokens, int)
+        and not isinstance(draft_tokens, bool)
+        and 1 <= draft_tokens <= MAX_DRAFT_TOKENS
+    ):
+        raise GenerationError(
+            f"draft tokens must be an integer in 1..{MAX_DRAFT_TOKENS}, got {draft_tokens!r}"
+        )
+    if proposer.needs_hidden and not hasattr(engine, "forward_hidden"):
+        raise EngineError(
+            f"the {engine.name} engine cannot return hidden states, which {proposer.name} needs"
+        )
+    n_prompt = len(prompt_ids)
+    budget = token_budget(n_prompt, engine.max_seq_len, config, "engine")
+    pick = Picker(config, None if config.greedy else np.random.default_rng(config.seed))
+    stop_ids = config.stop_token_ids or frozenset()
+    seen, out = list(prompt_ids), []
+    finish: FinishReason = "length"
+    steps = drafted = accepted = 0
+
+    def run(ids: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        if proposer.needs_hidden:
+            return engine.forward_hidden(ids)  # type: ignore[attr-defined]
+        return engine.forward(ids, last_only=False), None
+
+    def emit(token: int) -> bool:
+        """Record a token; True when generation ends with it."""
+        nonlocal finish
+        if token in stop_ids:
+            finish = "stop_token"
+            return True
+        out.append(token)
+        seen.append(token)
+        if on_token is not None:
+            on_token(token)
+        if stop_check is not None and stop_check(out):
+            finish = "stop_string"
+            return True
+        return len(out) >= budget
+
+    engine.reset()
+    proposer.reset()
+    t0 = time.perf_counter()
+    logits, hidden = run(list(prompt_ids))
+    token = pick.greedy(logits[-1], seen) if config.greedy else pick.draw(pick.probs(logits[-1], seen))
+    h = None if hidden is None else hidden[-1]
+    t_first = time.perf_counter()
+    done = emit(token)
+    while not done:
+        k = min(draft_tokens, budget - len(out) - 1)
+        draft = proposer.propose(seen, k, h, pick) if k > 0 else Draft([])
+        draft = Draft(draft.tokens[:k], None if draft.q is None else draft.q[:k])
+        logits, hidden = run([token, *draft.tokens])
+        n, token = verify(logits, draft, seen, pick)
+        engine.rollback(len(draft.tokens) - n)
+        h = None if hidden is None else hidden[n]
+        steps, drafted, accepted = steps + 1, drafted + len(draft.tokens), accepted + n
+        for t in (*draft.tokens[:n], token):
+            if done := emit(t):
+                break
+    t_end = time.perf_counter()
+    stats = SpeculationStats(proposer.name, draft_tokens, steps, drafted, accepted)
+    return GenerationResult(
+        token_ids=tuple(out), finish_reason=finish, prefill_seconds=t_first - t0, decode_seconds=t_end - t_first,
+        n_prompt=n_prompt, n_generated=len(out), speculation=stats,
+    )  # fmt: skip
+
+
+class PromptLookup:
+    """Prompt lookup decoding (Saxena 2023): find the latest earlier occurrence of the context's last
+    n tokens (n from `max_ngram` down to `min_ngram`) and propose the tokens that followed it. Pays
+    off when the answer repeats its input: editing, summarising, code, extraction."""
+
+    needs_hidden = False
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram <= 64:
+            raise GenerationError(
+                f"prompt lookup needs 1 <= min_ngram <= max_ngram <= 64, got {min_ngram}, {max_ngram}"
+            )
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.name = "lookup"
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, context: Sequence[int], k: int, hidden: np.ndarray | None, pick: Picker) -> Draft:
+        a = np.asarray(context, np.int64)
+        for n in range(min(self.max_ngram, len(a) - 1), self.min_ngram - 1, -1):
+            # windows starting at 0..len-n-1: each has at least one token after it
+            w = np.lib.stride_tricks.sliding_window_view(a[:-1], n)
+            hits = np.flatnonzero((w == a[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                return Draft(a[start : start + k].tolist())
+        return Draft([])
+
+
+class DraftModel:
+    """A smaller model with the target's vocabulary drafts k tokens, one forward each, on its own engine
+    (greedy, or sampled from its processed distribution, which then is the q of verification). Its cache
+    keeps the longest prefix it shares with the context between steps."""
+
+    needs_hidden = False
+
+    def __init__(
+        self, engine: Engine, target_vocab: int, name: str = "draft", *, greedy: bool = False
+    ) -> None:
+        """`greedy`: draft the draft model's argmax even when sampling (q is then a point mass; the
+        output distribution is the target's either way)."""
+        if engine.vocab_size != target_vocab:
+            raise GenerationError(
+                f"the draft model's vocabulary has {engine.vocab_size} tokens; the target's has {target_vocab}"
+            )
+        self.engine, self.name, self.greedy = engine, name, greedy
+        self.cached: list[int] = []
+
+    def reset(self) -> None:
+        self.engine.reset()
+        self.cached = []
+
+    def propose(self, context: Sequence[int], k: int, hidden: np.ndarray | None, pick: Picker) -> Draft:
+        room = self.engine.max_seq_len - len(context)
+        k = min(k, room)
+        if k <= 0:
+            return Draft([])
+        same = 0
+        for a, b in zip(self.cached, context, strict=False):
+            if a != b:
+                break
+            same += 1
+        same = min(same, len(context) - 1)  # at least one token to feed: its logits start the draft
+        self.engine.rollback(len(self.cached) - same)
+        logits = self.engine.forward(list(context[same:]), last_only=True)[-1]
+        self.cached = list(context)
+        seen, tokens, qs = list(context), [], []
+        for i in range(k):
+            if pick.config.greedy or self.greedy:
+                t = pick.greedy(logits, seen)
+            else:
+                q = pick.probs(logits, seen)
+                t = pick.draw(q)
+                qs.append(q)
+            tokens.append(t)
+            seen.append(t)
+            if i + 1 < k:
+                logits = self.engine.forward([t], last_only=True)[-1]
+                self.cached.append(t)
+        return Draft(tokens, np.stack(qs) if qs else None)
+
+
+class HeadsProposer:
+    """Medusa-style heads: head j reads the target's final hidden state at the last position and
+    proposes the token j+1 ahead; the chain is the heads' top-1 tokens. `top_ids(hidden)` returns
+    (n_heads, 1+) token ids, best first (omni_runtime.heads: TorchHeads or OrtHeads)."""
+
+    needs_hidden = True
+
+    def __init__(self, heads: HeadsLike) -> None:
+        self.heads, self.name = heads, "heads"
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, context: Sequence[int], k: int, hidden: np.ndarray | None, pick: Picker) -> Draft:
+        assert hidden is not None
+        return Draft([int(t) for t in self.heads.top_ids(hidden)[:k, 0]])
+
+
+class HeadsLike(Protocol):
+    n_heads: int
+
+    def top_ids(self, hidden: np.ndarray) -> np.ndarray:
+        """(n_heads, top) token ids for one hidden state (D,), best first."""
+        ...
