@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from omni_model.loader import LoadedModel
     from omni_model.tokenizer import Tokenizer
     from omni_runtime.engine import Engine
+    from omni_runtime.speculative import Proposer
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -185,3 +186,49 @@ def read_text(source: str) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"--text {source}: cannot read it as UTF-8 text: {e}") from None
+
+
+def open_proposer(text: str, runner: Runner) -> Proposer:
+    """The drafts of `press-play generate --speculative`: "lookup" (or "lookup:N", n-grams up to N),
+    "draft:MODEL" (a model with the same vocabulary, on the target's engine kind) or "heads:PATH"
+    (Medusa-style heads from `press-play train heads`; for an exported target, their ONNX form is made
+    once beside them, named by the export it belongs to)."""
+    from omni_runtime.speculative import DraftModel, HeadsProposer, PromptLookup
+
+    kind, _, arg = text.partition(":")
+    if kind == "lookup":
+        if arg and not (arg.isdigit() and 1 <= int(arg) <= 64):
+            raise DataError(f"--speculative {text}: lookup:N takes the longest n-gram N, 1..64")
+        return PromptLookup(max_ngram=int(arg) if arg else 3)
+    if kind == "draft" and arg:
+        onnx = runner.engine.name == "onnx" and is_exported(arg)
+        with err.status(f"opening the draft model {escape(arg)}"):
+            draft = open_runner(arg, "onnx" if onnx else "torch")
+        return DraftModel(draft.engine, runner.engine.vocab_size, name=f"draft {Path(arg).name}")
+    if kind == "heads" and arg:
+        return HeadsProposer(open_heads(Path(arg), runner))
+    raise DataError(f"--speculative {text}: must be lookup, lookup:N, draft:MODEL or heads:PATH")
+
+
+def open_heads(folder: Path, runner: Runner):
+    engine = runner.engine
+    if engine.name == "torch":
+        from omni_runtime.heads import TorchHeads
+        from omni_train.run import source_sha256
+
+        return TorchHeads(engine.lm, folder, base_sha256=source_sha256(engine.lm.source))  # type: ignore[attr-defined]
+    if engine.name != "onnx":
+        raise DataError(f"--speculative heads: not available with the {engine.name} engine")
+    from omni_runtime.heads import HEADS_MANIFEST, OrtHeads
+
+    if (folder / HEADS_MANIFEST).is_file():
+        return OrtHeads(folder, engine, threads=settings.threads)
+    if not (folder / "heads.json").is_file():
+        raise DataError(f"{folder}: neither Medusa heads (heads.json) nor their ONNX form ({HEADS_MANIFEST})")
+    from omni_export.heads import export_heads, manifest_sha256
+
+    onnx_dir = folder / f"onnx-{manifest_sha256(engine.folder)[:16]}"  # type: ignore[attr-defined]
+    if not (onnx_dir / HEADS_MANIFEST).is_file():
+        with err.status(f"exporting the heads for {escape(str(engine.folder))}"):  # type: ignore[attr-defined]
+            export_heads(folder, engine.folder, onnx_dir)  # type: ignore[attr-defined]
+    return OrtHeads(onnx_dir, engine, threads=settings.threads)

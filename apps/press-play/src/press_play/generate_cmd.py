@@ -19,6 +19,7 @@ from press_play.common import Runner, err, open_runner, reporting_errors
 
 if TYPE_CHECKING:
     from omni_model.streaming import GenerationResult
+    from omni_runtime.speculative import Proposer
 
 Model = Annotated[
     str,
@@ -71,19 +72,25 @@ def write(text: str) -> None:
 
 
 def stats_line(r: GenerationResult) -> str:
-    return (f"{r.n_generated} tokens, {r.decode_tokens_per_second:.1f} tok/s decode, "
+    line = (f"{r.n_generated} tokens, {r.decode_tokens_per_second:.1f} tok/s decode, "
             f"prompt {r.n_prompt} tokens in {r.prefill_seconds:.2f}s, finish: {r.finish_reason}")  # fmt: skip
+    if (s := r.speculation) is not None:
+        line += (f"; speculative ({s.proposer}): {s.tokens_per_step:.2f} tokens per verification step, "
+                 f"{s.accepted}/{s.drafted} drafts kept ({100 * s.acceptance_rate:.0f}%)")  # fmt: skip
+    return line
 
 
 def chat_prompt(runner: Runner, messages: list[dict[str, str]]) -> str:
     return runner.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def stream_reply(runner: Runner, prompt: str, config: SamplingConfig) -> GenerationResult:
+def stream_reply(runner: Runner, prompt: str, config: SamplingConfig, speculative: Proposer | None = None,
+                 draft_tokens: int = 4) -> GenerationResult:  # fmt: skip
     """Generate from a text prompt, streaming to stdout; end the line and print speed on stderr."""
     from omni_runtime.generate import generate_text
 
-    result = generate_text(runner.engine, runner.tokenizer, prompt, config, on_text=write)
+    result = generate_text(runner.engine, runner.tokenizer, prompt, config, on_text=write, speculative=speculative,
+                           draft_tokens=draft_tokens)  # fmt: skip
     write("\n")
     err.print(f"[dim]{stats_line(result)}[/dim]", soft_wrap=True)
     return result
@@ -117,6 +124,17 @@ def generate(
         ),
     ] = None,
     rag_k: Annotated[int, typer.Option("--rag-k", min=1, help="Chunks to retrieve with --rag.")] = 3,
+    speculative: Annotated[
+        str | None,
+        typer.Option(
+            "--speculative",
+            help="Draft tokens and verify several per forward: lookup (n-grams of the prompt and text so far), "
+            "draft:MODEL (a smaller model with the same vocabulary) or heads:PATH (press-play train heads).",
+        ),
+    ] = None,
+    draft_tokens: Annotated[
+        int, typer.Option("--draft-tokens", help="Most drafts one forward verifies (1..16).")
+    ] = 4,
 ) -> None:
     """Generate text from a prompt, streamed to stdout; tokens/s goes to stderr."""
     with reporting_errors():
@@ -125,6 +143,15 @@ def generate(
             repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop or ()),
         )  # fmt: skip
         runner = open_runner(model, engine, kv, knn, knn_settings)
+        proposer = None
+        if speculative is not None:
+            from press_play.common import open_proposer
+
+            if knn is not None:
+                raise DataError("--speculative does not combine with --knn (the kNN mixture is not verified)")
+            proposer = open_proposer(speculative, runner)
+        elif draft_tokens != 4:
+            raise DataError("--draft-tokens needs --speculative")
         messages = [{"role": "user", "content": prompt}]
         sources = []
         if rag is not None:
@@ -135,7 +162,7 @@ def generate(
             sources = Retriever(rag)(prompt, rag_k)
             messages = rag_messages(prompt, sources)
         text = chat_prompt(runner, messages) if chat else prompt
-        stream_reply(runner, text, config)
+        stream_reply(runner, text, config, proposer, draft_tokens)
         for i, src in enumerate(sources, 1):
             err.print(
                 f"[dim][{i}] {escape(Path(src.file).name)}, token {src.start}, score {src.score:.3f}[/dim]"
