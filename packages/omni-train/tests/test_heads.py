@@ -224,3 +224,21 @@ def test_greedy_continuations_equal_uncached_decoding():
         greedy_continuations(base, prompts + V, 4, 2)
     with pytest.raises(TrainError, match="integer tensor"):
         greedy_continuations(base, prompts.float(), 4, 2)
+
+
+def test_chat_prompts_wrap_passages_in_the_template(tmp_path):
+    from omni_model_tests import tiny as tiny_models
+
+    from omni_model.tokenizer import Tokenizer
+    from omni_train.heads import INSTRUCTIONS, chat_prompts
+
+    tiny_models.byte_tokenizer(tmp_path)
+    tok = Tokenizer.from_hf_folder(tmp_path)
+    text = np.array(tok.encode("O Romeo, Romeo, wherefore art thou Romeo? " * 20), dtype=np.uint16)
+    groups = chat_prompts(tok, text, 20, 12, seed=3)
+    assert sum(len(g) for g in groups) == 20 and len(groups) == len(INSTRUCTIONS)
+    windows = sample_prompts(text, 20, 12, seed=3)
+    for i, g in enumerate(groups):
+        rendered = tok.decode(g[0].tolist())
+        assert INSTRUCTIONS[i] in rendered and "user" in rendered and rendered.rstrip().endswith("assistant")
+        assert tok.decode(windows[i].tolist()) in rendered  # the passage, spliced in as it was

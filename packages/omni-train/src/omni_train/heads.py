@@ -163,6 +163,43 @@ def sample_prompts(tokens: np.ndarray, n: int, length: int, *, seed: int = 0) ->
     return torch.from_numpy(np.asarray(tokens[starts[:, None] + np.arange(length)], dtype=np.int64))
 
 
+# Requests around a passage of the training text: the base answers them as it would a user, so heads
+# trained on its answers meet in training the kind of text they draft in a chat (Medusa trains on chats).
+INSTRUCTIONS = (
+    "Summarise this passage in two sentences:",
+    "Rewrite this passage in plain modern English:",
+    "Continue this scene in the same style:",
+    "What is happening in this passage?",
+    "Correct the spelling and punctuation of this text and return it:",
+    "Write a short poem inspired by these lines:",
+    "Who speaks in this passage, and what do they want?",
+    "Explain these lines to a student:",
+)
+
+
+def chat_prompts(
+    tokenizer: Any, tokens: np.ndarray, n: int, passage_len: int, *, seed: int = 0
+) -> list[Tensor]:
+    """`n` chat prompts, each a request of INSTRUCTIONS around a `passage_len`-token passage of `tokens`
+    in the tokenizer's chat template, grouped by request into (n_i, P_i) tensors of equal-length rows
+    (the passage's tokens are spliced in as they are, so every row of a group has the same length)."""
+    windows = sample_prompts(tokens, n, passage_len, seed=seed).numpy()
+    mark = "\x00PASSAGE\x00"
+    groups: list[Tensor] = []
+    for i, instruction in enumerate(INSTRUCTIONS):
+        rows = windows[i :: len(INSTRUCTIONS)]
+        if not len(rows):
+            continue
+        text = tokenizer.apply_chat_template([{"role": "user", "content": f"{instruction}\n\n{mark}"}])
+        head, _, tail = text.partition(mark)
+        pre, post = (
+            tokenizer.encode(head, add_special_tokens=False),
+            tokenizer.encode(tail, add_special_tokens=False),
+        )
+        groups.append(torch.tensor([pre + list(map(int, r)) + post for r in rows], dtype=torch.long))
+    return groups
+
+
 @torch.inference_mode()
 def greedy_continuations(base: Decoder, prompts: Tensor, new_tokens: int, batch_size: int,
                          on_progress: Progress | None = None) -> np.ndarray:  # fmt: skip

@@ -184,18 +184,21 @@ def _save(model: torch.nn.Module, base: LoadedModel, out: Path, meta: dict[str, 
 
 
 def heads(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, heads_cfg: Any, *,
-          prompts: int = 256, prompt_len: int = 32, new_tokens: int = 96, soft: bool = False,
+          prompts: int = 256, prompt_len: int = 32, new_tokens: int = 96, soft: bool = False, chat: bool = False,
           resume: bool = False, on_event: Callable[[Event], None] | None = None,
           on_progress: Progress | None = None) -> TrainResult:  # fmt: skip
     """Medusa-style heads on the frozen base, trained on the base's own greedy continuations of prompts
     drawn from the data (kept in out/continuations.npy, so a resumed run trains on the same stream);
-    validated on the real text of the validation split. The heads go to out/heads."""
+    validated on the real text of the validation split. The heads go to out/heads. `chat`: the prompts
+    are requests about passages of the data in the base's chat template (omni_train.heads.chat_prompts),
+    so the heads learn the base's answers."""
     import numpy as np
 
     from omni_train.heads import (
         HeadedModel,
         HeadsObjective,
         MedusaHeads,
+        chat_prompts,
         greedy_continuations,
         sample_prompts,
         save_heads,
@@ -204,8 +207,12 @@ def heads(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, he
     _check_vocab(base.config, data, base.source)
     stream_path = out / "continuations.npy"
     if not (resume and stream_path.is_file()) and rank() == 0:  # the others read what rank 0 wrote
-        p = sample_prompts(data.train, prompts, prompt_len, seed=cfg.seed)
-        stream = greedy_continuations(base.model, p, new_tokens, batch_size=32, on_progress=on_progress)
+        if chat:
+            groups = chat_prompts(base.tokenizer, data.train, prompts, prompt_len, seed=cfg.seed)
+        else:
+            groups = [sample_prompts(data.train, prompts, prompt_len, seed=cfg.seed)]
+        stream = np.concatenate([greedy_continuations(base.model, p, new_tokens, batch_size=32, on_progress=on_progress)
+                                 for p in groups])  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".continuations.tmp.npy"
         np.save(tmp, stream)
@@ -215,7 +222,7 @@ def heads(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, he
     torch.manual_seed(cfg.seed)
     h = MedusaHeads(base.config.dim, heads_cfg)
     ident = _identity("heads", base, base.config, data, heads=asdict(heads_cfg), soft=soft, prompts=prompts,
-                      prompt_len=prompt_len, new_tokens=new_tokens)  # fmt: skip
+                      prompt_len=prompt_len, new_tokens=new_tokens, chat=chat)  # fmt: skip
     result = train(HeadedModel(base.model, h), HeadsObjective(soft=soft), stream, data.val, cfg, out,
                    resume=resume, identity=ident, on_event=on_event)  # fmt: skip
     if rank() == 0:
