@@ -371,6 +371,7 @@ def suites() -> dict[str, Suite]:
         bench_moe,
         bench_onnx,
         bench_retrieval,
+        bench_speculative,
         bench_train,
     )  # they build on this module's helpers
 
@@ -415,6 +416,11 @@ def suites() -> dict[str, Suite]:
         cls = bench_train.DistillBenchConfig
         return cls.quick_config(**given) if a.quick else cls(**given)
 
+    def spec_config(a: argparse.Namespace) -> bench_speculative.SpecBenchConfig:
+        given = {k: getattr(a, k) for k in ("model", "rounds", "threads") if getattr(a, k) is not None}
+        cls = bench_speculative.SpecBenchConfig
+        return cls.quick_config(**given) if a.quick else cls(**given)
+
     return {
         "smollm2": Suite(SECTION, smollm2_config, run_bench, render_section),
         "moe": Suite(bench_moe.SECTION, moe_config, bench_moe.run_moe_bench, bench_moe.render_moe_section),
@@ -437,6 +443,12 @@ def suites() -> dict[str, Suite]:
             distill_config,
             bench_train.run_distill_bench,
             bench_train.render_distill_section,
+        ),
+        "speculative": Suite(
+            bench_speculative.SECTION,
+            spec_config,
+            bench_speculative.run_spec_bench,
+            bench_speculative.render_spec_section,
         ),
     }
 

@@ -1,0 +1,304 @@
+"""Speculative decoding against plain decoding: the exported 4-bit SmolLM2 on ONNX Runtime, same run.
+
+Modes, each in a fresh process per round (bench_spec_worker.py, no torch in it), greedy, on the same
+prompts: plain decoding; prompt lookup; Medusa-style heads (`press-play train heads --chat`, trained
+here when the work folder has none); a draft model. The draft is SmolLM2's first `draft_layers`
+layers with its embedding, final norm and tied head, fine-tuned by omni-train on the base's own greedy
+answers (the heads' training stream: sequence-level distillation), exported to int4 like the target.
+
+Two prompt sets in the chat template: (a) ten open-ended requests; (b) ten editing and summarising
+requests around a passage of a play, whose answers repeat the prompt. Per mode and set: tokens per
+verification step, decode tokens/s and its ratio to plain decoding in the same round (medians over
+rounds), and whether every greedy output equals plain decoding's; per mode, the worker's peak RSS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omni_model.errors import OmniError
+from omni_model.zoo import DEFAULT_MODEL
+
+SECTION = "speculative"
+WORKER = Path(__file__).with_name("bench_spec_worker.py")
+Progress = Callable[[str, int, int], None]
+
+OPEN_ENDED = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how rainbows form.",
+    "What are some good habits for learning a new language?",
+    "Describe a walk through a forest in autumn.",
+    "Give me three ideas for a birthday party for a ten-year-old.",
+    "Why is the sky blue?",
+    "Write a poem about the sea.",
+    "How do I make a good cup of tea?",
+    "What should I pack for a weekend camping trip?",
+    "Tell me about the planets of the solar system.",
+)
+EDITING = (
+    "Correct the spelling and punctuation of this text and return the corrected text:",
+    "Repeat this passage word for word, replacing every 'thou' with 'you':",
+    "Summarise this passage, quoting its most important line:",
+    "Copy this passage and put a title above it:",
+    "Rewrite this passage with each sentence on its own line:",
+    "Quote the first four lines of this passage exactly:",
+    "Return this passage with the speaker names in capitals:",
+    "Copy this text, fixing any mistakes you find:",
+    "Repeat this passage, then say in one sentence what it is about:",
+    "Reformat this passage as a numbered list of its sentences:",
+)
+
+
+class SpecBenchError(OmniError):
+    """A worker failed, or a model could not be prepared."""
+
+
+@dataclass(frozen=True)
+class SpecBenchConfig:
+    model: str = DEFAULT_MODEL
+    play: str = "macbeth"  # the editing prompts' passages
+    passage_tokens: int = 120
+    max_new_tokens: int = 128
+    draft_tokens: int = 4
+    rounds: int = 3
+    threads: int = 2
+    heads: int = 4
+    heads_minutes: float = 25.0
+    draft_layers: int = 6
+    draft_minutes: float = 15.0
+    work_dir: str | None = None  # None: ~/.cache/omnicoder/bench/spec
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls, **overrides: Any) -> SpecBenchConfig:
+        """Seconds, not minutes: for tests and a smoke run, not for numbers."""
+        return cls(**{"passage_tokens": 16, "max_new_tokens": 8, "rounds": 1, "heads": 2, "heads_minutes": 0.05,
+                      "draft_layers": 1, "draft_minutes": 0.05, "quick": True, **overrides})  # fmt: skip
+
+
+@dataclass
+class SpecReport:
+    config: SpecBenchConfig
+    machine: dict[str, Any]
+    modes: dict[str, dict[str, Any]] = field(default_factory=dict)  # mode -> set -> figures
+    prepared: dict[str, Any] = field(default_factory=dict)
+
+
+def _work(config: SpecBenchConfig) -> Path:
+    return (
+        Path(config.work_dir) if config.work_dir else Path.home() / ".cache" / "omnicoder" / "bench" / "spec"
+    )
+
+
+def run_worker(spec: dict[str, Any], timeout_s: float = 3600) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(WORKER)], input=json.dumps(spec), capture_output=True, text=True,
+                          timeout=timeout_s)  # fmt: skip
+    if proc.returncode != 0:
+        raise SpecBenchError(
+            f"{spec['mode']} worker failed (exit {proc.returncode}): {' '.join(proc.stderr.split())[-300:]}"
+        )
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise SpecBenchError(f"{spec['mode']} worker printed no JSON result") from None
+
+
+def prompts(config: SpecBenchConfig, tokenizer: Any) -> dict[str, list[list[int]]]:
+    from press_play.bench_retrieval import plays
+
+    text_ids = tokenizer.encode(plays()[config.play].read_text(encoding="utf-8"), add_special_tokens=False)
+    step = max(len(text_ids) // (len(EDITING) + 1), 1)
+    passages = [tokenizer.decode(text_ids[(i + 1) * step : (i + 1) * step + config.passage_tokens]).strip()
+                for i in range(len(EDITING))]  # fmt: skip
+
+    def chat(content: str) -> list[int]:
+        return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": content}]),
+                                add_special_tokens=False)  # fmt: skip
+
+    return {"open-ended": [chat(p) for p in OPEN_ENDED],
+            "editing": [chat(f"{i}\n\n{p}") for i, p in zip(EDITING, passages, strict=True)]}  # fmt: skip
+
+
+def prepare(config: SpecBenchConfig, report: Progress) -> dict[str, Any]:
+    """The int4 export, the heads (trained when absent) and their ONNX form, the draft (trained when absent)."""
+    import torch
+
+    import omni_model
+    from omni_export.export import ExportConfig, export_onnx
+    from omni_export.heads import export_heads
+    from omni_train import run
+    from omni_train.data import TokenDataset
+    from omni_train.heads import HeadsConfig
+    from omni_train.loop import TrainConfig, train
+    from omni_train.recipes import LMObjective
+
+    torch.set_num_threads(config.threads)
+    work = _work(config)
+    work.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {}
+    target = work / "target-int4"
+    report("exporting the int4 target", 0, 4)
+    export_onnx(config.model, target, ExportConfig(weights="int4"))
+    out["target"] = target
+    heads_run = work / ("heads-quick" if config.quick else "heads-run")
+    base = run.load_base(config.model)
+    if not (heads_run / "heads" / "heads.json").is_file():
+        report(f"training {config.heads} heads ({config.heads_minutes:g} min)", 1, 4)
+        data = TokenDataset.build(["shakespeare"], base.tokenizer, work / "data")
+        cfg = TrainConfig(seq_len=32 if config.quick else 128, batch_size=2 if config.quick else 8,
+                          budget_s=60 * config.heads_minutes, eval_every=10**6, seed=0)  # fmt: skip
+        run.heads(base, data, cfg, heads_run, HeadsConfig(n_heads=config.heads), chat=True,
+                  prompts=8 if config.quick else 384, prompt_len=16 if config.quick else 64,
+                  new_tokens=8 if config.quick else 128)  # fmt: skip
+    out["heads_run"] = heads_run
+    out["heads_onnx"] = work / "heads-onnx"
+    export_heads(heads_run / "heads", target, out["heads_onnx"])
+    stream = np.load(heads_run / "continuations.npy", allow_pickle=False)
+    draft_dir = work / f"draft-{config.draft_layers}l{'-quick' if config.quick else ''}"
+    if not (draft_dir / "model" / "omnicoder.json").is_file():
+        report(f"training the {config.draft_layers}-layer draft ({config.draft_minutes:g} min)", 2, 4)
+        draft = truncated(base.model, config.draft_layers)
+        cfg = TrainConfig(seq_len=32 if config.quick else 128, batch_size=2 if config.quick else 8, lr=3e-4,
+                          min_lr=3e-5, budget_s=60 * config.draft_minutes, eval_every=10**6, seed=0)  # fmt: skip
+        split = len(stream) - max(len(stream) // 20, 2 * (cfg.seq_len + 1))
+        r = train(draft, LMObjective(), stream[:split], stream[split:], cfg, draft_dir)
+        omni_model.save(draft, draft_dir / "model", tokenizer=base.tokenizer,
+                        meta={"recipe": "truncated base, trained on its greedy answers", "layers": config.draft_layers,
+                              "steps": r.steps, "tokens": r.tokens, "minutes": r.elapsed_s / 60})  # fmt: skip
+    report("exporting the int4 draft", 3, 4)
+    export_onnx(draft_dir / "model", work / "draft-int4", ExportConfig(weights="int4"))
+    out["draft"] = work / "draft-int4"
+    out["draft_meta"] = json.loads((draft_dir / "model" / "omnicoder.json").read_text())["meta"]
+    out["heads_plan"] = (
+        json.loads((heads_run / "plan.json").read_text()) if (heads_run / "plan.json").is_file() else {}
+    )
+    out["stream_tokens"] = int(stream.size)
+    out["tokenizer"] = base.tokenizer
+    return out
+
+
+def truncated(model: Any, n_layers: int) -> Any:
+    """A copy of a Decoder keeping its first n_layers blocks, its embedding, final norm and head."""
+    import copy
+
+    from omni_model.decoder import Decoder
+
+    cfg = dataclasses.replace(model.config, n_layers=n_layers)
+    small = Decoder(cfg, init=False)
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith("layers.") or int(k.split(".")[1]) < n_layers}  # fmt: skip
+    small.load_state_dict(copy.deepcopy(state), strict=False)
+    return small.float().train()
+
+
+def run_spec_bench(config: SpecBenchConfig, on_progress: Progress | None = None) -> SpecReport:
+    from press_play.bench import machine_info
+
+    report = on_progress or (lambda what, done, total: None)
+    prep = prepare(config, report)
+    tok = prep.pop("tokenizer")
+    sets = prompts(config, tok)
+    if config.quick:
+        sets = {k: v[:2] for k, v in sets.items()}
+    modes = {"plain": "plain", "prompt lookup": "lookup", f"heads ({config.heads})": f"heads:{prep['heads_onnx']}",
+             f"draft ({config.draft_layers} layers)": f"draft:{prep['draft']}"}  # fmt: skip
+    from importlib.metadata import version
+
+    machine = machine_info(config.threads) | {"onnxruntime": version("onnxruntime")}
+    rep = SpecReport(
+        config, machine, prepared={k: str(v) if isinstance(v, Path) else v for k, v in prep.items()}
+    )
+    raw: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    total = config.rounds * len(modes)
+    for r in range(config.rounds):
+        for i, (name, mode) in enumerate(modes.items()):
+            report(f"round {r + 1}: {name}", r * len(modes) + i, total)
+            all_prompts = [p for s in sets.values() for p in s]
+            res = run_worker({"model": str(prep["target"]), "mode": mode, "threads": config.threads,
+                              "draft_tokens": config.draft_tokens, "max_new_tokens": config.max_new_tokens,
+                              "prompts": all_prompts, "eos": sorted(tok.eos_token_ids)})  # fmt: skip
+            raw[name].append(res)
+    report("done", total, total)
+    for name in modes:
+        rep.modes[name] = {"peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in raw[name])}
+        start = 0
+        for set_name, ps in sets.items():
+            rows = [x["runs"][start : start + len(ps)] for x in raw[name]]
+            plain_rows = [x["runs"][start : start + len(ps)] for x in raw["plain"]]
+            rate = [sum(p["decode_tokens"] for p in rr) / sum(p["decode_s"] for p in rr) for rr in rows]
+            plain_rate = [
+                sum(p["decode_tokens"] for p in rr) / sum(p["decode_s"] for p in rr) for rr in plain_rows
+            ]
+            steps = sum(p["steps"] for p in rows[0])
+            rep.modes[name][set_name] = {
+                "tok_s": statistics.median(rate),
+                "ratio": statistics.median(a / b for a, b in zip(rate, plain_rate, strict=True)),
+                "tokens_per_step": (sum(p["accepted"] for p in rows[0]) + steps) / steps if steps else 0.0,
+                "acceptance": (sum(p["accepted"] for p in rows[0]) / d) if (d := sum(p["drafted"] for p in rows[0])) else 0.0,
+                "identical": all(a["tokens"] == b["tokens"] for rr, pr in zip(rows, plain_rows, strict=True)
+                                 for a, b in zip(rr, pr, strict=True)),
+                "tokens": sum(len(p["tokens"]) for p in rows[0]),
+            }  # fmt: skip
+            start += len(ps)
+    return rep
+
+
+TARGETS = {"heads": ("open-ended", 1.5), "prompt lookup": ("editing", 1.5), "draft": ("open-ended", 1.3)}
+
+
+def render_spec_section(rep: SpecReport) -> str:
+    c, m = rep.config, rep.machine
+    lines = [
+        f"<!-- bench:{SECTION}:start -->",
+        "## Speculative decoding: SmolLM2 int4 on ONNX Runtime, against plain decoding",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores; {c.threads} threads; Python {m['python']}; "
+        f"onnxruntime {m.get('onnxruntime', '?')}; {m['date']}",
+        "- Command: `just bench --suite speculative` (= `uv run python -m press_play.bench --suite speculative`)"
+        + (" — QUICK smoke run, not figures" if c.quick else ""),
+        f"- Greedy, up to {c.max_new_tokens} new tokens per prompt, up to {c.draft_tokens} drafts per verification; "
+        f"each mode in a fresh process per round, {c.rounds} rounds, medians; decode tokens/s is every token after "
+        "the first over the time after the first; the ratio is against plain decoding in the same round.",
+        f"- Prompts (chat template): (a) open-ended, ten requests; (b) editing, ten requests to correct, copy, "
+        f"reformat or summarise a {c.passage_tokens}-token passage of {c.play}, whose answers repeat the prompt.",
+        f"- Heads: {c.heads} Medusa-style heads, `press-play train heads --chat` ({c.heads_minutes:g} min budget) on "
+        f"the base's greedy answers to requests about Shakespeare passages; their ONNX graph reads the target's "
+        f"hidden state and runs its 8-bit head once per step for all heads.",
+        f"- Draft: SmolLM2's first {c.draft_layers} layers with its embedding and head, trained "
+        f"{float(rep.prepared.get('draft_meta', {}).get('minutes', 0)):.1f} min by omni-train on the same greedy answers "
+        f"({rep.prepared.get('draft_meta', {}).get('steps', '?')} steps), exported to int4 like the target.",
+        "",
+        "| mode | set | tokens per verification | drafts kept | decode tok/s | vs plain | greedy output identical | peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for name, figs in rep.modes.items():
+        for set_name in ("open-ended", "editing"):
+            f = figs[set_name]
+            kept = "" if name == "plain" else f"{100 * f['acceptance']:.0f}%"
+            tps = "1.00" if name == "plain" else f"{f['tokens_per_step']:.2f}"
+            lines.append(f"| {name} | {set_name} | {tps} | {kept} | {f['tok_s']:.1f} | {f['ratio']:.2f}x | "
+                         f"{'yes' if f['identical'] else 'NO'} | {figs['peak_rss_mb']:.0f} |")  # fmt: skip
+    lines.append("")
+    verdicts = []
+    for name, figs in rep.modes.items():
+        for key, (set_name, want) in TARGETS.items():
+            if name.startswith(key):
+                got = figs[set_name]["ratio"]
+                verdicts.append(f"{name} on {set_name}: {got:.2f}x against the target {want}x — "
+                                f"{'met' if got >= want else 'NOT met'}")  # fmt: skip
+    lines += [
+        "Targets (issue 8, ONNX engine): " + "; ".join(verdicts) + ".",
+        "",
+        f"<!-- bench:{SECTION}:end -->",
+    ]
+    return "\n".join(lines)
