@@ -66,6 +66,16 @@ def test_heads_on_greedy_continuations(tiny_model_dir, docs, tmp_path):
     assert "head 1" in r.output and (tmp_path / "h" / "continuations.npy").is_file()
     heads = load_heads(tmp_path / "h" / "heads", load(tiny_model_dir, fuse=False).model)
     assert heads.config.n_heads == 2
+    # Again in the same folder, drafting from a reduced vocabulary: the base's answers are reused (made the
+    # same way), the heads record the vocabulary and the token counts it was chosen from.
+    stream = tmp_path / "h" / "continuations.npy"
+    made = stream.stat().st_mtime_ns
+    r = run(tmp_path, "heads", "-m", str(tiny_model_dir), "--data", str(docs), "--out", str(tmp_path / "h"),
+            "--prompts", "4", "--new-tokens", "8", "--heads", "2", "--draft-vocab", "50", *FAST)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert stream.stat().st_mtime_ns == made
+    meta = json.loads((tmp_path / "h" / "heads" / "heads.json").read_text())
+    assert meta["draft_vocab"] == 50 and (tmp_path / "h" / "heads" / "token-counts.npy").is_file()
 
 
 def test_pretrain_resume_and_bad_input(tiny_model_dir, docs, tmp_path):

@@ -13,6 +13,7 @@ import torch
 from omni_model_tests import tiny
 
 import omni_model
+from omni_export.errors import ExportError
 from omni_export.export import ExportConfig, export_onnx
 from omni_export.heads import export_heads
 from omni_kv import CacheSpec
@@ -239,3 +240,32 @@ def test_bad_input_is_one_line(models, tmp_path):
         OrtHeads(models / "heads-onnx", OrtEngine(tmp_path / "onnx2"))
     with pytest.raises(EngineError, match="not a readable heads manifest"):
         OrtHeads(tmp_path, OrtEngine(models / "onnx"))
+
+
+@pytest.mark.parametrize("weights", ["float32", "int4"])
+def test_heads_with_a_reduced_vocabulary_score_only_the_kept_tokens(models, tmp_path, weights):
+    """Heads at init are the identity, so head logits are the decoder's own: the reduced graph's best token
+    must be the decoder's best among the kept ones (float MatMul and MatMulNBits heads alike)."""
+    lm = omni_model.load(models / "hf")
+    v = lm.config.vocab_size
+    onnx = models / "onnx"
+    if weights == "int4":
+        onnx = tmp_path / "int4"
+        export_onnx(models / "hf", onnx, ExportConfig(weights="int4", parity_prompt_tokens=8, parity_decode_tokens=2),
+                    parity_text=TEXT)  # fmt: skip
+    heads = MedusaHeads(lm.config.dim, HeadsConfig(n_heads=2))
+    counts = np.random.default_rng(0).integers(0, 1000, v)
+    save_heads(heads, heads.config, tmp_path / "heads", base="tiny", base_sha256=None, base_dim=lm.config.dim,
+               vocab_size=v, token_counts=counts)  # fmt: skip
+    m = export_heads(tmp_path / "heads", onnx, tmp_path / "heads-onnx", vocab_size=64)
+    assert m["drafted_vocab"] == 64
+    keep = np.sort(np.argsort(-counts, kind="stable")[:64])
+    engine = OrtEngine(onnx)
+    logits, hidden = engine.forward_hidden(list(range(5, 30)))
+    oh = OrtHeads(tmp_path / "heads-onnx", engine)
+    for row in range(0, 25, 4):
+        top = oh.top_ids(hidden[row])
+        assert set(top.ravel()) <= set(keep.tolist())
+        assert (top[:, 0] == keep[np.argmax(logits[row][keep])]).all()
+    with pytest.raises(ExportError, match=r"token-counts\.npy"):
+        export_heads(models / "heads", onnx, tmp_path / "x", vocab_size=64)

@@ -242,3 +242,24 @@ def test_chat_prompts_wrap_passages_in_the_template(tmp_path):
         rendered = tok.decode(g[0].tolist())
         assert INSTRUCTIONS[i] in rendered and "user" in rendered and rendered.rstrip().endswith("assistant")
         assert tok.decode(windows[i].tolist()) in rendered  # the passage, spliced in as it was
+
+
+def test_heads_over_a_reduced_vocabulary_train_and_report_token_ids(tmp_path):
+    base = counter_base()
+    text = np.random.default_rng(0).integers(0, V, 4000).astype(np.uint16)
+    data = greedy_continuations(base, sample_prompts(text, 64, 4, seed=0), 28, 32)
+    val = greedy_continuations(base, sample_prompts(text, 16, 4, seed=1), 28, 16)
+    vocab = torch.from_numpy(np.sort(np.argsort(-np.bincount(data, minlength=V), kind="stable")[: V // 2]))
+    heads = MedusaHeads(D, HeadsConfig(n_heads=2))
+    model = HeadedModel(base, heads, vocab)
+    logits, z = model(torch.from_numpy(data[:16].astype(np.int64))[None])
+    assert z.shape == (2, 1, 16, len(vocab)) and logits.shape == (1, 16, V)
+    cfg = TrainConfig(seq_len=16, batch_size=8, steps=30, warmup=2, lr=3e-2, weight_decay=0.0, eval_every=100,
+                      eval_batches=4)  # fmt: skip
+    result = train(model, HeadsObjective(), data, val, cfg, tmp_path / "run")
+    # half the tokens are kept, so about half the targets can be drafted; ids are mapped back before comparing
+    assert 0.35 < result.metrics["head1_acc"] <= 0.6
+    with pytest.raises(TrainError, match="non-empty 1-D set of token ids"):
+        HeadedModel(base, heads, torch.tensor([V]))
+    with pytest.raises(TrainError, match="needs the whole vocabulary"):
+        HeadsObjective(soft=True).head_losses(logits, z, vocab)

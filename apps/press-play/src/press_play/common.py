@@ -210,6 +210,9 @@ def open_proposer(text: str, runner: Runner) -> Proposer:
     raise DataError(f"--speculative {text}: must be lookup, lookup:N, draft:MODEL or heads:PATH")
 
 
+DRAFT_VOCAB = 8192  # tokens exported heads draft from (FR-Spec's frequency-ranked subset)
+
+
 def open_heads(folder: Path, runner: Runner):
     engine = runner.engine
     if engine.name == "torch":
@@ -227,8 +230,13 @@ def open_heads(folder: Path, runner: Runner):
         raise DataError(f"{folder}: neither Medusa heads (heads.json) nor their ONNX form ({HEADS_MANIFEST})")
     from omni_export.heads import export_heads, manifest_sha256
 
-    onnx_dir = folder / f"onnx-{manifest_sha256(engine.folder)[:16]}"  # type: ignore[attr-defined]
+    # Heads trained by press-play train heads carry token counts: they draft from the DRAFT_VOCAB tokens
+    # the base produced most (their head's matmul, most of their cost, shrinks to match).
+    vocab = (
+        DRAFT_VOCAB if (folder / "token-counts.npy").is_file() and engine.vocab_size > DRAFT_VOCAB else None
+    )
+    onnx_dir = folder / f"onnx-{manifest_sha256(engine.folder)[:16]}{f'-v{vocab}' if vocab else ''}"  # type: ignore[attr-defined]
     if not (onnx_dir / HEADS_MANIFEST).is_file():
         with err.status(f"exporting the heads for {escape(str(engine.folder))}"):  # type: ignore[attr-defined]
-            export_heads(folder, engine.folder, onnx_dir)  # type: ignore[attr-defined]
+            export_heads(folder, engine.folder, onnx_dir, vocab_size=vocab)  # type: ignore[attr-defined]
     return OrtHeads(onnx_dir, engine, threads=settings.threads)

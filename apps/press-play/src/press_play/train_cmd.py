@@ -291,6 +291,8 @@ def heads(
     chat: Annotated[bool, typer.Option("--chat", help="Prompts are requests about passages, in the chat template: "
                                        "the heads learn the base's answers.")] = False,
     prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, help="Tokens of text per prompt.")] = 32,
+    draft_vocab: Annotated[int | None, typer.Option("--draft-vocab", min=1, help="Draft from the N tokens the base "
+                                                    "produces most (cheaper heads; FR-Spec).")] = None,
 ) -> None:  # fmt: skip
     """Medusa-style draft heads on the frozen base, self-distilled on its own greedy continuations."""
     with reporting_errors():
@@ -304,7 +306,8 @@ def heads(
             base = run.load_base(model)
         ds = _data(c, base)
         with _Steps() as report:
-            r = run.heads(base, ds, c.config(), c.out, hcfg, prompts=prompts, new_tokens=new_tokens, soft=soft, chat=chat, prompt_len=prompt_len,
+            r = run.heads(base, ds, c.config(), c.out, hcfg, prompts=prompts, new_tokens=new_tokens, soft=soft,
+                          chat=chat, prompt_len=prompt_len, draft_vocab=draft_vocab,
                           resume=c.resume, on_event=_Display(), on_progress=report)  # fmt: skip
         accs = ", ".join(f"head {k} {r.metrics[f'head{k}_acc']:.1%}" for k in range(1, n_heads + 1)
                          if f"head{k}_acc" in r.metrics)  # fmt: skip

@@ -28,6 +28,9 @@ from omni_model.files import replace_dir
 HEADS_GRAPH, HEADS_DATA, HEADS_MANIFEST = "heads.onnx", "heads.onnx.data", "heads-manifest.json"
 HEADS_FORMAT = "omnicoder-onnx-heads"
 TOP = 4  # candidates per head in top_ids
+COUNTS = (
+    "token-counts.npy"  # beside heads.json: how often the base produced each token in the heads' training
+)
 
 
 def manifest_sha256(model_folder: str | Path) -> str:
@@ -66,12 +69,55 @@ def _head_subgraph(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[o
     return sorted(nodes.values(), key=lambda n: order[id(n)]), list(used.values())
 
 
-def export_heads(heads_dir: str | Path, model_folder: str | Path, out: str | Path) -> dict[str, Any]:
+def _restrict_head(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], keep: np.ndarray
+) -> list[onnx.TensorProto]:
+    """The output head's weights cut to the rows of the tokens in `keep`: the head then scores those
+    tokens only (its `logits` have len(keep) columns)."""
+    head = next((n for n in nodes if "logits" in n.output), None)
+    if head is None or head.op_type not in ("MatMulNBits", "MatMul"):
+        raise ExportError("a reduced head vocabulary needs the output head to be one MatMul or MatMulNBits")
+    by_name = {t.name: t for t in inits}
+
+    def cut(name: str, columns: bool, n: int = 0) -> None:
+        a = numpy_helper.to_array(by_name[name])
+        if columns:  # (K, N) float weights
+            a = a[:, keep]
+        elif a.shape[0] == n:  # (N, ...) packed weights, scales, zero points, bias
+            a = a[keep]
+        else:  # the same, flattened to one dimension
+            a = a.reshape(n, -1)[keep].reshape(-1)
+        by_name[name] = numpy_helper.from_array(np.ascontiguousarray(a), name)
+
+    if head.op_type == "MatMulNBits":
+        attrs = {a.name: a for a in head.attribute}
+        for i, name in enumerate(head.input):
+            if name and name in by_name and i in (1, 2, 3, 5):  # weights, scales, zero points, bias
+                cut(name, False, attrs["N"].i)
+        attrs["N"].i = len(keep)
+    else:
+        w = head.input[1]
+        if w not in by_name:  # float16 weights reach the MatMul through a Cast
+            cast = next((n for n in nodes if w in n.output and n.op_type == "Cast"), None)
+            if cast is None or cast.input[0] not in by_name:
+                raise ExportError("a reduced head vocabulary needs the head's weight as an initializer")
+            w = cast.input[0]
+        cut(w, True)
+    return list(by_name.values())
+
+
+def export_heads(heads_dir: str | Path, model_folder: str | Path, out: str | Path, *,
+                 vocab_size: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Write the ONNX form of the heads in `heads_dir` (omni_model.medusa's format) for the decoder
-    exported to `model_folder`, to the folder `out` (atomically); returns its manifest."""
+    exported to `model_folder`, to the folder `out` (atomically); returns its manifest.
+
+    `vocab_size`: the heads score only the `vocab_size` tokens the base generated most often in their
+    training (the folder's token-counts.npy), as FR-Spec (Zhao et al. 2025, arXiv:2502.14856) cuts a
+    drafter's head: the head's matmul, the drafting cost on a CPU, shrinks by the same factor, and a
+    token outside the set is never drafted (verification still decides every token)."""
     from safetensors.numpy import load_file
 
-    from omni_model.medusa import META, WEIGHTS, _read_meta
+    from omni_model.medusa import COUNTS, META, WEIGHTS, _read_meta, top_tokens
 
     heads_dir, model_folder, out = Path(heads_dir), Path(model_folder), Path(out)
     for p in (heads_dir / META, heads_dir / WEIGHTS):
@@ -92,6 +138,26 @@ def export_heads(heads_dir: str | Path, model_folder: str | Path, out: str | Pat
     decoder = onnx.load(str(model_folder / m["graph"]), load_external_data=True)
     head_nodes, head_inits = _head_subgraph(decoder)
     del decoder
+    keep = None
+    if vocab_size is not None:
+        counts_path = heads_dir / COUNTS
+        if not counts_path.is_file():
+            raise ExportError(
+                f"{heads_dir}: no {COUNTS} (token counts of the heads' training); cannot choose a vocabulary"
+            )
+        try:
+            counts = np.load(counts_path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ExportError(f"{counts_path}: not a readable .npy: {e}") from None
+        if counts.shape != (vocab,) or not np.issubdtype(counts.dtype, np.integer) or counts.min() < 0:
+            raise ExportError(
+                f"{counts_path}: must hold {vocab} non-negative integer counts, got {counts.dtype} {counts.shape}"
+            )
+        if not 1 <= vocab_size <= vocab:
+            raise ExportError(f"vocab_size must be in 1..{vocab}, got {vocab_size}")
+        keep = top_tokens(counts, vocab_size)
+        head_nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in head_nodes]  # edited below
+        head_inits = _restrict_head(head_nodes, head_inits, keep)
 
     nodes: list[onnx.NodeProto] = []
     inits = list(head_inits)
@@ -129,8 +195,13 @@ def export_heads(heads_dir: str | Path, model_folder: str | Path, out: str | Pat
         helper.make_node("Concat", stacked, ["hidden_states"], axis=0)
     )  # (n, N, D): the head's input
     nodes += head_nodes
+    ids = "top_ids" if keep is None else "top_local"
     nodes.append(helper.make_node("TopK", ["logits", const("top_k", np.array([TOP], np.int64))],
-                                  ["top_values", "top_ids"], axis=-1))  # fmt: skip
+                                  ["top_values", ids], axis=-1))  # fmt: skip
+    if keep is not None:  # positions in the kept set -> token ids
+        nodes.append(
+            helper.make_node("Gather", [const("kept_tokens", keep), "top_local"], ["top_ids"], axis=0)
+        )
     graph = helper.make_graph(
         nodes, "omnicoder_heads",
         [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["n", dim])],
@@ -143,6 +214,7 @@ def export_heads(heads_dir: str | Path, model_folder: str | Path, out: str | Pat
     manifest = {
         "format": HEADS_FORMAT, "version": 1, "graph": HEADS_GRAPH, "n_heads": hcfg.n_heads, "layers": hcfg.layers,
         "dim": dim, "vocab_size": vocab, "top": TOP, "base": base,
+        "drafted_vocab": vocab if keep is None else len(keep),
         "model_manifest_sha256": manifest_sha256(model_folder),
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -28,7 +29,7 @@ from omni_model.decoder import Decoder
 from omni_model.errors import CheckpointError, ConfigError
 from omni_model.files import replace_dir
 
-WEIGHTS, META = "heads.safetensors", "heads.json"
+WEIGHTS, META, COUNTS = "heads.safetensors", "heads.json", "token-counts.npy"
 FORMAT, VERSION = "omni-medusa-heads", 1
 MAX_META_BYTES = 1 << 16  # heads.json is a config and a base name: bytes
 MAX_HEADS = MAX_LAYERS = 32  # a bound for untrusted configs; Medusa uses 3-5 heads of 1 layer
@@ -74,8 +75,12 @@ class MedusaHeads(nn.Module):
 
 
 def save_heads(heads: MedusaHeads, cfg: HeadsConfig, folder: str | Path, *, base: str, base_sha256: str | None,
-               base_dim: int, vocab_size: int) -> Path:  # fmt: skip
-    """Write heads.safetensors and heads.json (config, dim, vocabulary, base identity) to `folder`, atomically."""
+               base_dim: int, vocab_size: int, token_counts: np.ndarray | None = None,
+               draft_vocab: int | None = None) -> Path:  # fmt: skip
+    """Write heads.safetensors and heads.json (config, dim, vocabulary, base identity) to `folder`, atomically;
+    `token_counts` (vocab_size,): how often the base produced each token in the heads' training text
+    (token-counts.npy: what a reduced drafting vocabulary is chosen from); `draft_vocab`: the size of the
+    frequency-ranked set they were trained to draft from (`top_tokens(token_counts, draft_vocab)`)."""
     if heads.config != cfg or heads.dim != base_dim:
         raise CheckpointError(
             f"heads {heads.config} of dim {heads.dim}; the call says {cfg} of dim {base_dim}"
@@ -88,8 +93,14 @@ def save_heads(heads: MedusaHeads, cfg: HeadsConfig, folder: str | Path, *, base
             {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp / WEIGHTS)
         )
         meta = {"format": FORMAT, "version": VERSION, "config": asdict(cfg), "dim": base_dim,
-                "vocab_size": vocab_size, "base": base, "base_sha256": base_sha256}  # fmt: skip
+                "vocab_size": vocab_size, "base": base, "base_sha256": base_sha256, "draft_vocab": draft_vocab}  # fmt: skip
         (tmp / META).write_text(json.dumps(meta, indent=1))
+        if token_counts is not None:
+            if token_counts.shape != (vocab_size,):
+                raise CheckpointError(
+                    f"token_counts has shape {token_counts.shape}; the vocabulary has {vocab_size}"
+                )
+            np.save(tmp / COUNTS, token_counts.astype(np.int64), allow_pickle=False)
         os.chmod(tmp, 0o755)
         replace_dir(tmp, out, marker=META, what="a Medusa heads folder", error=CheckpointError)
     except BaseException:
@@ -179,6 +190,12 @@ def _read_meta(path: Path) -> tuple[HeadsConfig, int, int, str, str | None]:
 
 def _short(v: Any) -> str:
     return " ".join(str(v).split())[:120]
+
+
+def top_tokens(counts: np.ndarray, n: int) -> np.ndarray:
+    """The n most frequent token ids (ties: the lower id first), ascending."""
+    order = np.lexsort((np.arange(len(counts)), -counts.astype(np.int64)))
+    return np.sort(order[:n]).astype(np.int64)
 
 
 def head_logits(base: Decoder, heads: MedusaHeads, h: Tensor) -> Tensor:

@@ -37,7 +37,9 @@ Progress = Callable[[str, int, int], None]  # (what is happening, steps done, st
 
 class HeadedModel(nn.Module):
     """A frozen base plus trainable heads; `forward(x)` gives the base's logits (B, T, V), computed
-    without grad, and the heads' (n, B, T, V).
+    without grad, and the heads' (n, B, T, V), or (n, B, T, len(vocab)) over the token ids `vocab`
+    only (the heads then draft from that set; their output matmul, most of their training cost, shrinks
+    by V / len(vocab)).
 
     The base is held outside the module tree (a plain attribute, not a submodule), so the loop's
     checkpoints, DDP and MoE bias balancing see only the heads, and `train()` leaves the base in eval
@@ -46,18 +48,29 @@ class HeadedModel(nn.Module):
 
     base: Decoder
 
-    def __init__(self, base: Decoder, heads: MedusaHeads) -> None:
+    def __init__(self, base: Decoder, heads: MedusaHeads, vocab: Tensor | None = None) -> None:
         super().__init__()
         if heads.dim != base.config.dim:
             raise TrainError(f"heads of dim {heads.dim} for a base of dim {base.config.dim}")
         self.__dict__["base"] = base.eval().requires_grad_(False)
         self.heads = heads
+        self.vocab = vocab
+        if vocab is not None:
+            v = base.config.vocab_size
+            if vocab.ndim != 1 or not len(vocab) or int(vocab.min()) < 0 or int(vocab.max()) >= v:
+                raise TrainError(
+                    f"the heads' vocabulary must be a non-empty 1-D set of token ids in 0..{v - 1}"
+                )
+            self.__dict__["_head_w"] = base.lm_head.weight.detach()[vocab]  # (len(vocab), D), frozen
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             h = self.base.hidden_states(x)  # (B, T, D)
             logits = self.base.logits(h)  # (B, T, V)
-        return logits, head_logits(self.base, self.heads, h)  # (n, B, T, V)
+        if self.vocab is None:
+            return logits, head_logits(self.base, self.heads, h)  # (n, B, T, V)
+        z = self.heads(h.to(self._head_w.dtype))
+        return logits, F.linear(z, self._head_w).float()  # (n, B, T, len(vocab))
 
 
 @dataclass
@@ -73,17 +86,31 @@ class HeadsObjective:
         if not (isinstance(self.decay, int | float) and 0 < self.decay <= 1):
             raise TrainError(f"HeadsObjective.decay must be in (0, 1], got {self.decay!r}")
 
-    def head_losses(self, logits: Tensor, heads: Tensor) -> list[Tensor]:
-        """Per head k, the mean loss over positions 0..T-k-1 of (n, B, T, V) head logits."""
-        t, v = logits.shape[1], logits.shape[-1]
+    def head_losses(self, logits: Tensor, heads: Tensor, vocab: Tensor | None = None) -> list[Tensor]:
+        """Per head k, the mean loss over positions 0..T-k-1 of (n, B, T, V) head logits, or over the
+        token ids `vocab` (positions whose target lies outside it are left out)."""
+        t, v = logits.shape[1], heads.shape[-1]
+        lut = None
+        if vocab is not None:
+            if self.soft:
+                raise TrainError(
+                    "soft (KL) head training needs the whole vocabulary; drop the reduced vocabulary"
+                )
+            lut = torch.full((logits.shape[-1],), -100, dtype=torch.long, device=logits.device)
+            lut[vocab] = torch.arange(len(vocab), device=logits.device)
         if t <= len(heads):
             raise TrainError(
                 f"windows of {t} tokens leave head {len(heads)} no target; need seq_len > n_heads"
             )
         out = []
         for k, head in enumerate(heads, start=1):
-            z, target = head[:, : t - k].reshape(-1, v).float(), logits[:, k:].reshape(-1, v).float()
-            if self.soft:
+            z, target = (
+                head[:, : t - k].reshape(-1, v).float(),
+                logits[:, k:].reshape(-1, logits.shape[-1]).float(),
+            )
+            if lut is not None:
+                out.append(F.cross_entropy(z, lut[target.argmax(-1)], ignore_index=-100))
+            elif self.soft:
                 out.append(F.kl_div(F.log_softmax(z, -1), F.log_softmax(target, -1), log_target=True,
                                     reduction="batchmean"))  # fmt: skip
             else:
@@ -96,7 +123,7 @@ class HeadsObjective:
         return [x / sum(w) for x in w]
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
-        losses = torch.stack(self.head_losses(*model(x)))  # (n,)
+        losses = torch.stack(self.head_losses(*model(x), vocab=_vocab(model)))  # (n,)
         loss = losses @ torch.tensor(self.weights(len(losses)), device=losses.device)
         return loss, {f"head{k}_loss": float(v) for k, v in enumerate(losses.detach(), start=1)}
 
@@ -112,16 +139,19 @@ class HeadsObjective:
         def add(key: str, value: Tensor | float, n: int) -> None:
             sums[key], counts[key] = sums.get(key, 0.0) + float(value), counts.get(key, 0) + n
 
+        vocab = _vocab(model)
         for x, y in batches:
             logits, heads = model(x)
             t, n = x.shape[1], len(heads)
-            losses = self.head_losses(logits, heads)
+            losses = self.head_losses(logits, heads, vocab)
             greedy = logits.argmax(-1)  # (B, T)
             add("base_acc_text", (greedy == y).sum(), y.numel())
             run = torch.ones_like(greedy[:, : t - n], dtype=torch.bool)  # heads 1..k all right so far
             streak = torch.zeros_like(greedy[:, : t - n])
             for k in range(1, n + 1):
                 pred = heads[k - 1, :, : t - k].argmax(-1)  # (B, T-k): the tokens k+1 ahead
+                if vocab is not None:
+                    pred = vocab[pred]
                 ok = pred == greedy[:, k:]
                 add(f"head{k}_acc", ok.sum(), ok.numel())
                 add(f"head{k}_acc_text", (pred == y[:, k:]).sum(), ok.numel())
@@ -255,6 +285,10 @@ def _greedy(base: Decoder, prompt: Tensor, new_tokens: int, eos: int | None) -> 
         tok = base(tok[:, None], cache=cache, last_only=True)[:, -1].argmax(-1)
         out.append(tok)
     return torch.stack(out, 1)
+
+
+def _vocab(model: nn.Module) -> Tensor | None:
+    return getattr(getattr(model, "module", model), "vocab", None)  # through DDP's wrapper
 
 
 def _desc(v: Any) -> str:

@@ -9,6 +9,7 @@ opens it.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -161,6 +162,13 @@ def lora(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, lor
     return result
 
 
+def _json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
 def source_sha256(source: str) -> str | None:
     """sha256 of a model file (GGUF or a zoo name's file); None for a folder."""
     from omni_model.loader import resolve_source
@@ -185,15 +193,18 @@ def _save(model: torch.nn.Module, base: LoadedModel, out: Path, meta: dict[str, 
 
 def heads(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, heads_cfg: Any, *,
           prompts: int = 256, prompt_len: int = 32, new_tokens: int = 96, soft: bool = False, chat: bool = False,
+          draft_vocab: int | None = None,
           resume: bool = False, on_event: Callable[[Event], None] | None = None,
           on_progress: Progress | None = None) -> TrainResult:  # fmt: skip
     """Medusa-style heads on the frozen base, trained on the base's own greedy continuations of prompts
     drawn from the data (kept in out/continuations.npy, so a resumed run trains on the same stream);
     validated on the real text of the validation split. The heads go to out/heads. `chat`: the prompts
     are requests about passages of the data in the base's chat template (omni_train.heads.chat_prompts),
-    so the heads learn the base's answers."""
+    so the heads learn the base's answers. `draft_vocab`: the heads score only the tokens the base produced
+    most often in the stream (FR-Spec's frequency-ranked set), in training and when drafting."""
     import numpy as np
 
+    from omni_model.medusa import top_tokens
     from omni_train.heads import (
         HeadedModel,
         HeadsObjective,
@@ -205,8 +216,14 @@ def heads(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, he
     )
 
     _check_vocab(base.config, data, base.source)
-    stream_path = out / "continuations.npy"
-    if not (resume and stream_path.is_file()) and rank() == 0:  # the others read what rank 0 wrote
+    stream_path, stream_meta = out / "continuations.npy", out / "continuations.json"
+    # The stream is the base's answers to these prompts: reused when the folder holds one made the same way.
+    made_by = {"base": base.source, "base_sha256": source_sha256(base.source), "tokens": data.manifest.get("key"),
+               "prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "chat": chat, "seed": cfg.seed}  # fmt: skip
+    same = stream_path.is_file() and stream_meta.is_file() and _json_or_none(stream_meta) == made_by
+    if (
+        not (resume and stream_path.is_file()) and not same and rank() == 0
+    ):  # the others read what rank 0 wrote
         if chat:
             groups = chat_prompts(base.tokenizer, data.train, prompts, prompt_len, seed=cfg.seed)
         else:
@@ -216,17 +233,27 @@ def heads(base: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, he
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".continuations.tmp.npy"
         np.save(tmp, stream)
+        stream_meta.unlink(missing_ok=True)
         tmp.replace(stream_path)
+        stream_meta.write_text(json.dumps(made_by, indent=1))
     barrier()
     stream = np.load(stream_path, allow_pickle=False)
     torch.manual_seed(cfg.seed)
     h = MedusaHeads(base.config.dim, heads_cfg)
+    counts = np.bincount(stream, minlength=base.config.vocab_size)
+    vocab = None
+    if draft_vocab is not None:
+        if not 1 <= draft_vocab <= base.config.vocab_size:
+            raise TrainError(f"draft_vocab must be in 1..{base.config.vocab_size}, got {draft_vocab}")
+        vocab = torch.from_numpy(top_tokens(counts, draft_vocab))
     ident = _identity("heads", base, base.config, data, heads=asdict(heads_cfg), soft=soft, prompts=prompts,
-                      prompt_len=prompt_len, new_tokens=new_tokens, chat=chat)  # fmt: skip
-    result = train(HeadedModel(base.model, h), HeadsObjective(soft=soft), stream, data.val, cfg, out,
+                      prompt_len=prompt_len, new_tokens=new_tokens, chat=chat,
+                      draft_vocab=draft_vocab)  # fmt: skip
+    result = train(HeadedModel(base.model, h, vocab), HeadsObjective(soft=soft), stream, data.val, cfg, out,
                    resume=resume, identity=ident, on_event=on_event)  # fmt: skip
     if rank() == 0:
         save_heads(h, heads_cfg, out / "heads", base=base.source, base_sha256=source_sha256(base.source),
-                   base_dim=base.config.dim, vocab_size=base.config.vocab_size)  # fmt: skip
+                   base_dim=base.config.dim, vocab_size=base.config.vocab_size,
+                   token_counts=counts, draft_vocab=draft_vocab)  # fmt: skip
     barrier()
     return result
