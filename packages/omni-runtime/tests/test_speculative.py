@@ -269,3 +269,21 @@ def test_heads_with_a_reduced_vocabulary_score_only_the_kept_tokens(models, tmp_
         assert (top[:, 0] == keep[np.argmax(logits[row][keep])]).all()
     with pytest.raises(ExportError, match=r"token-counts\.npy"):
         export_heads(models / "heads", onnx, tmp_path / "x", vocab_size=64)
+
+
+def test_onnx_int8_kv_graph_rolls_back_exactly(models, tmp_path):
+    """The int8-cache graph codes each token on its own (no full-precision residual): speculative greedy
+    output equals plain greedy output on it too."""
+    lm = omni_model.load(models / "hf")
+    cfg = ExportConfig(weights="float32", kv="int8", parity_prompt_tokens=8, parity_decode_tokens=2)
+    export_onnx(models / "hf", tmp_path / "int8kv", cfg, parity_text=TEXT)
+    target = OrtEngine(tmp_path / "int8kv")
+    for prompt in _prompts(lm):
+        plain = generate(target, prompt, GREEDY)
+        for proposer in (
+            PromptLookup(),
+            DraftModel(TorchEngine(omni_model.load(models / "draft")), lm.config.vocab_size),
+        ):
+            r = generate(target, prompt, GREEDY, speculative=proposer, draft_tokens=3)
+            assert r.token_ids == plain.token_ids, proposer.name
+            assert r.speculation.drafted > r.speculation.accepted
