@@ -287,3 +287,61 @@ def test_onnx_int8_kv_graph_rolls_back_exactly(models, tmp_path):
             r = generate(target, prompt, GREEDY, speculative=proposer, draft_tokens=3)
             assert r.token_ids == plain.token_ids, proposer.name
             assert r.speculation.drafted > r.speculation.accepted
+
+
+def test_tree_verification_is_greedy_identical_on_the_torch_engine(models):
+    lm = omni_model.load(models / "hf")
+    heads = TorchHeads(lm, models / "heads")
+    tree = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+    kept = 0
+    for prompt in _prompts(lm):
+        for spec in (None, CacheSpec(kind="int8"), CacheSpec(kind="paged", page_tokens=8)):
+            target = TorchEngine(lm, cache=spec)
+            plain = generate(target, prompt, GREEDY)
+            for k in (1, 2, 3):
+                r = generate(target, prompt, GREEDY, speculative=HeadsProposer(heads, tree), draft_tokens=k)
+                assert r.token_ids == plain.token_ids, (spec, k)
+                assert r.speculation.proposer == "heads, tree of 7"
+                kept += r.speculation.accepted
+    assert kept > 0  # kept paths were fed again and decoding went on from them
+    with pytest.raises(GenerationError, match="its prefix a path too"):
+        HeadsProposer(heads, [(0, 1)])
+    with pytest.raises(EngineError, match="tree verification needs the PyTorch engine"):
+        generate(OrtEngine(models / "onnx"), _prompts(lm)[0], GREEDY,
+                 speculative=HeadsProposer(OrtHeads(models / "heads-onnx", OrtEngine(models / "onnx")), [(0,)]))  # fmt: skip
+
+
+def test_tree_rule_keeps_the_target_distribution():
+    """Point-mass children tried in order (kept with r(x), else removed from r): the first token is
+    distributed as p whatever the children are."""
+    cfg = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=frozenset())
+    p = np.array([0.4, 0.3, 0.2, 0.1])
+    logits = np.log(np.tile(p, (4, 1))).astype(np.float32)
+    pick = Picker(cfg, np.random.default_rng(0))
+    draft = Draft([1, 0, 2], None, [-1, -1, 0])  # children 1 then 0 at the root; 2 under the first
+    from omni_runtime.speculative import verify_tree
+
+    firsts = []
+    for _ in range(20000):
+        path, t = verify_tree(logits, draft, [], pick)
+        firsts.append(draft.tokens[path[0]] if path else t)
+    assert np.allclose(np.bincount(firsts, minlength=4) / len(firsts), p, atol=0.012)
+
+
+def test_every_tree_path_computes_what_its_sequence_would(models):
+    lm = omni_model.load(models / "hf")
+    prefix, tokens, parents = [5, 9, 11, 40], [7, 8, 9, 10, 12], [-1, 0, 0, 1, 2]
+    engine = TorchEngine(lm)
+    engine.forward(prefix)
+    logits, hidden = engine.forward_tree(tokens, parents)
+    engine.rollback(len(tokens))
+    for leaf, path in ((3, [0, 1, 3]), (4, [0, 2, 4])):
+        seq_logits, seq_hidden = engine.forward_hidden([tokens[i] for i in path])
+        engine.rollback(len(path))
+        assert (
+            np.abs(seq_hidden - hidden[path]).max() < 1e-4
+            and np.abs(seq_logits[-1] - logits[leaf]).max() < 1e-4
+        )
+    with pytest.raises(EngineError, match="a parent before it"):
+        engine.forward_tree([1, 2], [-1, 1])
+    assert engine.seq_len == len(prefix)

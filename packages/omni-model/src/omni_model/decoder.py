@@ -107,12 +107,20 @@ class Decoder(nn.Module):
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
         return self.logits(self.hidden_states(input_ids, cache), last_only)
 
-    def hidden_states(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Final-normed hidden states (B, T, D)."""
+    def hidden_states(
+        self, input_ids: Tensor, cache: KVCache | None = None, tree: Tensor | None = None
+    ) -> Tensor:
+        """Final-normed hidden states (B, T, D). `tree` (T,) int: the new tokens form a tree instead of a
+        sequence (speculative decoding's candidates): tree[0] = -1 is the root, at the next position;
+        tree[i] < i is token i's parent. Each token sits one position after its parent and attends to
+        the cache and its ancestors only, so every root-to-leaf path computes what that sequence would."""
         t = input_ids.shape[1]
         start = cache.seq_len if cache is not None else 0
-        cos, sin = self.rope(start, t)
-        masks = self._masks(start, t, input_ids.device, cache.kv_length(t) if cache is not None else t)
+        if tree is None:
+            cos, sin = self.rope(start, t)
+            masks = self._masks(start, t, input_ids.device, cache.kv_length(t) if cache is not None else t)
+        else:
+            cos, sin, masks = self._tree(tree, start, t, cache, input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, masks[self._windows[i]])
@@ -149,6 +157,29 @@ class Decoder(nn.Module):
         for m in self.modules():
             if isinstance(m, MLAttention):
                 m.mode = mode
+
+    def _tree(self, tree: Tensor, start: int, t: int, cache: KVCache | None, device: torch.device) -> tuple[Tensor, Tensor, dict[int | None, Tensor | None]]:  # fmt: skip
+        """Rotary tables at each token's depth and the ancestor mask of a token tree (see hidden_states)."""
+        parents = [int(p) for p in tree.tolist()]
+        if len(parents) != t or parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i):
+            raise ValueError(
+                f"tree must give the root -1 and every later token a parent before it; got {parents}"
+            )
+        if any(w is not None for w in self._windows):
+            raise KVCacheError("tree verification is not supported with sliding-window layers")
+        if cache is not None and cache.kv_length(t) != start + t:
+            raise KVCacheError("tree verification needs a cache that keeps every token (not sink or window)")
+        depth = [0] * t
+        seen = torch.zeros(t, t, dtype=torch.bool)
+        for i, p in enumerate(parents):
+            if p >= 0:
+                depth[i] = depth[p] + 1
+                seen[i] = seen[p]
+            seen[i, i] = True
+        cos, sin = self.rope(start, max(depth) + 1)
+        idx = torch.tensor(depth, device=cos.device)
+        mask = torch.cat([torch.ones(t, start, dtype=torch.bool), seen], dim=1).to(device)
+        return cos[idx], sin[idx], {w: mask for w in set(self._windows)}
 
     def _masks(self, start: int, t: int, device: torch.device, s: int) -> dict[int | None, Tensor | None]:
         """Boolean attention masks (T, S), True = attend, keyed by window (None = full attention).

@@ -40,8 +40,11 @@ MAX_DRAFT_TOKENS = 16
 class Draft:
     tokens: list[int]
     q: np.ndarray | None = (
-        None  # (len(tokens), V) the distributions they were sampled from; None: point masses
+        None  # (len(tokens), V): the distributions they were drawn from; None: point masses
     )
+    # A tree instead of a chain: parents[i] is the index of token i's parent among the tokens, -1 for the
+    # last sampled token. Siblings are tried in order (point masses only).
+    parents: list[int] | None = None  # fmt: skip
 
 
 class Proposer(Protocol):
@@ -109,6 +112,43 @@ def verify(logits: np.ndarray, draft: Draft, seen: list[int], pick: Picker) -> t
     return k, pick.draw(pick.probs(logits[k], seen + draft.tokens))
 
 
+def verify_tree(logits: np.ndarray, draft: Draft, seen: list[int], pick: Picker) -> tuple[list[int], int]:
+    """(the kept path, as indices into the draft's tokens; the target's next token). logits (1 + n, V): row 0
+    follows `seen`, row 1 + i follows the path to token i. Greedy: follow the child equal to the argmax.
+    Sampling: try the children in order, keeping child x with probability r(x) and otherwise removing x
+    from r and renormalising (r starts as p): the token that comes out, kept or drawn from what is left
+    of r, is distributed as p (recursive rejection sampling with point-mass drafts)."""
+    assert draft.parents is not None
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(draft.parents):
+        children.setdefault(parent, []).append(i)
+    path: list[int] = []
+    node, row = -1, 0
+    while True:
+        context = seen + [draft.tokens[i] for i in path]
+        kids = children.get(node, [])
+        if pick.config.greedy:
+            t = pick.greedy(logits[row], context)
+            nxt = next((c for c in kids if draft.tokens[c] == t), None)
+            if nxt is None:
+                return path, t
+        else:
+            r = pick.probs(logits[row], context)
+            nxt = None
+            for c in kids:
+                x = draft.tokens[c]
+                total = r.sum()
+                if total > 0 and r[x] > 0 and pick.rng.random() < r[x] / total:  # type: ignore[union-attr]
+                    nxt = c
+                    break
+                r[x] = 0.0
+            if nxt is None:
+                total = r.sum()
+                return path, pick.draw(r / total if total > 0 else pick.probs(logits[row], context))
+        path.append(nxt)
+        node, row = nxt, nxt + 1
+
+
 def speculative_generate(
     engine: Engine, prompt_ids: Sequence[int], config: SamplingConfig, proposer: Proposer, *,
     draft_tokens: int = 4, on_token: Callable[[int], None] | None = None,
@@ -128,6 +168,10 @@ def speculative_generate(
         raise EngineError(
             f"the {engine.name} engine cannot return hidden states, which {proposer.name} needs"
         )
+    if getattr(proposer, "tree", None) and not hasattr(engine, "forward_tree"):
+        raise EngineError(
+            f"tree verification needs the PyTorch engine; the {engine.name} engine verifies chains"
+        )
     n_prompt = len(prompt_ids)
     budget = token_budget(n_prompt, engine.max_seq_len, config, "engine")
     pick = Picker(config, None if config.greedy else np.random.default_rng(config.seed))
@@ -136,7 +180,9 @@ def speculative_generate(
     finish: FinishReason = "length"
     steps = drafted = accepted = 0
 
-    def run(ids: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(ids: list[int], parents: list[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        if parents is not None:
+            return engine.forward_tree(ids, parents)  # type: ignore[attr-defined]
         if proposer.needs_hidden:
             return engine.forward_hidden(ids)  # type: ignore[attr-defined]
         return engine.forward(ids, last_only=False), None
@@ -164,16 +210,36 @@ def speculative_generate(
     h = None if hidden is None else hidden[-1]
     t_first = time.perf_counter()
     done = emit(token)
+    pending: list[int] = []  # kept tree tokens not in the cache yet: they lead the next forward
     while not done:
         k = min(draft_tokens, budget - len(out) - 1)
         draft = proposer.propose(seen, k, h, pick) if k > 0 else Draft([])
-        draft = Draft(draft.tokens[:k], None if draft.q is None else draft.q[:k])
-        logits, hidden = run([token, *draft.tokens])
-        n, token = verify(logits, draft, seen, pick)
-        engine.rollback(len(draft.tokens) - n)
-        h = None if hidden is None else hidden[n]
+        if draft.parents is None:
+            draft = Draft(draft.tokens[:k], None if draft.q is None else draft.q[:k])
+        else:
+            draft = _prune(draft, k)
+        if draft.parents is None or not draft.tokens:
+            logits, hidden = run([*pending, token, *draft.tokens])
+            logits, hidden = logits[len(pending) :], None if hidden is None else hidden[len(pending) :]
+            n, token = verify(logits, Draft(draft.tokens, draft.q), seen, pick)
+            engine.rollback(len(draft.tokens) - n)
+            kept, pending = draft.tokens[:n], []
+            h = None if hidden is None else hidden[n]
+        else:  # pending and the last token as a chain, the drafts as a tree under it
+            root = len(pending)
+            parents = [i - 1 for i in range(root + 1)] + [
+                root if p < 0 else root + 1 + p for p in draft.parents
+            ]
+            logits, hidden = run([*pending, token, *draft.tokens], parents)
+            path, token = verify_tree(logits[root:], draft, seen, pick)
+            engine.rollback(
+                len(draft.tokens)
+            )  # the tree leaves the cache; its kept path leads the next forward
+            kept = pending = [draft.tokens[i] for i in path]
+            h = None if hidden is None else hidden[root + 1 + path[-1] if path else root]
+            n = len(path)
         steps, drafted, accepted = steps + 1, drafted + len(draft.tokens), accepted + n
-        for t in (*draft.tokens[:n], token):
+        for t in (*kept, token):
             if done := emit(t):
                 break
     t_end = time.perf_counter()
@@ -267,22 +333,56 @@ class DraftModel:
         return Draft(tokens, np.stack(qs) if qs else None)
 
 
+def _prune(draft: Draft, k: int) -> Draft:
+    """A tree cut to the nodes at depth <= k (the budget's end)."""
+    assert draft.parents is not None
+    depth: list[int] = []
+    for p in draft.parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+    keep = [i for i, d in enumerate(depth) if d <= k]
+    if len(keep) == len(draft.tokens):
+        return draft
+    where = {i: j for j, i in enumerate(keep)}
+    return Draft([draft.tokens[i] for i in keep], None, [where.get(draft.parents[i], -1) for i in keep])
+
+
 class HeadsProposer:
     """Medusa-style heads: head j reads the target's final hidden state at the last position and
-    proposes the token j+1 ahead; the chain is the heads' top-1 tokens. `top_ids(hidden)` returns
-    (n_heads, 1+) token ids, best first (omni_runtime.heads: TorchHeads or OrtHeads)."""
+    proposes the token j+1 ahead. As a chain: the heads' top-1 tokens. As a tree (`tree`, Medusa's
+    "choices"): each tuple is a path of candidate ranks, one per head, e.g. (0, 1) = head 1's best
+    then head 2's second; every prefix of a path must be a path too. `top_ids(hidden)` returns
+    (n_heads, top) token ids, best first (omni_runtime.heads: TorchHeads or OrtHeads)."""
 
     needs_hidden = True
 
-    def __init__(self, heads: HeadsLike) -> None:
-        self.heads, self.name = heads, "heads"
+    def __init__(self, heads: HeadsLike, tree: Sequence[tuple[int, ...]] | None = None) -> None:
+        self.heads, self.name = heads, "heads" if tree is None else f"heads, tree of {len(tree)}"
+        self.tree = None if tree is None else sorted({tuple(c) for c in tree}, key=lambda c: (len(c), c))
+        if self.tree is not None:
+            top = getattr(heads, "top", 1)
+            for c in self.tree:
+                if (
+                    not c
+                    or len(c) > heads.n_heads
+                    or min(c) < 0
+                    or max(c) >= top
+                    or (len(c) > 1 and c[:-1] not in self.tree)
+                ):
+                    raise GenerationError(
+                        f"tree path {c}: needs 1..{heads.n_heads} ranks in 0..{top - 1}, its prefix a path too"
+                    )
 
     def reset(self) -> None:
         pass
 
     def propose(self, context: Sequence[int], k: int, hidden: np.ndarray | None, pick: Picker) -> Draft:
         assert hidden is not None
-        return Draft([int(t) for t in self.heads.top_ids(hidden)[:k, 0]])
+        top = self.heads.top_ids(hidden)  # (n_heads, top)
+        if self.tree is None:
+            return Draft([int(t) for t in top[:k, 0]])
+        index = {c: i for i, c in enumerate(self.tree)}
+        return Draft([int(top[len(c) - 1, c[-1]]) for c in self.tree], None,
+                     [index[c[:-1]] if len(c) > 1 else -1 for c in self.tree])  # fmt: skip
 
 
 class HeadsLike(Protocol):

@@ -56,6 +56,21 @@ class TorchEngine:
         h = self.model.hidden_states(torch.tensor([list(ids)], dtype=torch.long), cache=self._cache)
         return self.model.logits(h)[0].numpy(), h[0].float().numpy()
 
+    @torch.inference_mode()
+    def forward_tree(self, ids: Sequence[int], parents: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Append a token tree (parents[0] = -1, parents[i] < i; omni_model's Decoder.hidden_states) in one
+        forward; return each token's logits (T, V) and hidden state (T, D). The tokens take the cache's next
+        T slots: roll them back after verification."""
+        self._check(ids)
+        tree = torch.tensor(list(parents), dtype=torch.long)
+        try:
+            h = self.model.hidden_states(
+                torch.tensor([list(ids)], dtype=torch.long), cache=self._cache, tree=tree
+            )
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        return self.model.logits(h)[0].numpy(), h[0].float().numpy()
+
     @torch.inference_mode()  # caches may write on rollback and reset (buffers made under inference mode)
     def rollback(self, n: int) -> None:
         if not 0 <= n <= self.seq_len:
