@@ -43,6 +43,13 @@ def test_speculative_generate_matches_plain_on_both_engines(tiny_model_dir, tmp_
             assert r.exit_code == 0, r.output
             assert r.stdout == plain.stdout, (model, spec)
             assert "tokens per verification step" in r.stderr and "drafts kept" in r.stderr
+    tree = runner.invoke(
+        cli.app, [*GEN, "--model", str(tiny_model_dir), "--speculative", f"heads-tree:{heads}"]
+    )
+    assert tree.exit_code == 0 and "heads, tree of" in tree.stderr, tree.output
+    assert tree.stdout == runner.invoke(cli.app, [*GEN, "--model", str(tiny_model_dir)]).stdout
+    r = runner.invoke(cli.app, [*GEN, "--model", str(onnx), "--speculative", f"heads-tree:{heads}"])
+    assert r.exit_code == 1 and "tree verification runs on the PyTorch engine" in r.output
     # the heads' ONNX form was made once, beside them, for that export
     made = [p for p in heads.iterdir() if p.name.startswith("onnx-")]
     assert len(made) == 1 and json.loads((made[0] / "heads-manifest.json").read_text())["n_heads"] == 2
@@ -51,7 +58,7 @@ def test_speculative_generate_matches_plain_on_both_engines(tiny_model_dir, tmp_
 def test_bad_speculative_input_is_one_line(tiny_model_dir, tmp_path):
     wrong = _heads(tiny_model_dir, tmp_path / "wrong", dim=8)
     cases = {
-        ("--speculative", "nope"): "must be lookup, lookup:N, draft:MODEL or heads:PATH",
+        ("--speculative", "nope"): "must be lookup, lookup:N, draft:MODEL, heads:PATH or heads-tree:PATH",
         ("--speculative", "lookup:0"): "lookup:N takes the longest n-gram N",
         ("--speculative", "lookup", "--draft-tokens", "0"): "draft tokens must be an integer in 1..16",
         ("--speculative", "lookup", "--draft-tokens", "17"): "draft tokens must be an integer in 1..16",

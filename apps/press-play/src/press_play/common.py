@@ -207,10 +207,22 @@ def open_proposer(text: str, runner: Runner) -> Proposer:
         return DraftModel(draft.engine, runner.engine.vocab_size, name=f"draft {Path(arg).name}")
     if kind == "heads" and arg:
         return HeadsProposer(open_heads(Path(arg), runner))
-    raise DataError(f"--speculative {text}: must be lookup, lookup:N, draft:MODEL or heads:PATH")
+    if kind == "heads-tree" and arg:
+        if runner.engine.name != "torch":
+            raise DataError(
+                f"--speculative {text}: tree verification runs on the PyTorch engine (--engine torch)"
+            )
+        heads = open_heads(Path(arg), runner)
+        return HeadsProposer(heads, [c for c in HEADS_TREE if len(c) <= heads.n_heads])
+    raise DataError(
+        f"--speculative {text}: must be lookup, lookup:N, draft:MODEL, heads:PATH or heads-tree:PATH"
+    )
 
 
 DRAFT_VOCAB = 8192  # tokens exported heads draft from (FR-Spec's frequency-ranked subset)
+# heads-tree: the best three for the next token, two for the one after the best, one deeper (Medusa's
+# sparse trees, kept small: every node is a row of the verification forward)
+HEADS_TREE = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 0, 0))
 
 
 def open_heads(folder: Path, runner: Runner):
