@@ -62,6 +62,10 @@ def test_onnx_hidden_states_match_torch(models):
     lo, ho = OrtEngine(models / "onnx").forward_hidden(ids)
     assert ht.shape == ho.shape == (len(ids), lm.config.dim)
     assert np.abs(ht - ho).max() < 1e-4 and np.abs(lt - lo).max() < 1e-4
+    for engine in (TorchEngine(lm), OrtEngine(models / "onnx", prefill_chunk=16)):  # the last row alone
+        last_logits, last_hidden = engine.forward_hidden(ids, last_only=True)
+        assert last_logits.shape == (1, lm.config.vocab_size) and last_hidden.shape == (1, lm.config.dim)
+        assert np.abs(last_hidden[0] - ht[-1]).max() < 1e-4 and np.abs(last_logits[0] - lt[-1]).max() < 1e-4
     heads_t, heads_o = (
         TorchHeads(lm, models / "heads"),
         OrtHeads(models / "heads-onnx", OrtEngine(models / "onnx")),

@@ -187,8 +187,9 @@ class OrtEngine:
             return parts[-1] if last_only else np.concatenate(parts)
         return self._run(x, last_only)
 
-    def forward_hidden(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Append `ids`; return their logits (T, V) and final-normed hidden states (T, D)."""
+    def forward_hidden(self, ids: Sequence[int], last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Append `ids`; return their logits (T, V) and final-normed hidden states (T, D), or the last
+        position's (1, V) and (1, D) with `last_only`."""
         if not self.has_hidden:
             raise EngineError(
                 f"{self.folder}: the graph has no hidden_states output (exported before speculative decoding; "
@@ -198,8 +199,10 @@ class OrtEngine:
         self._check(x)
         logits, hidden = [], []
         for s in range(0, x.shape[1], self.prefill_chunk):
-            logits.append(self._run(x[:, s : s + self.prefill_chunk], False))
+            logits.append(self._run(x[:, s : s + self.prefill_chunk], last_only))
             hidden.append(self._hidden)
+        if last_only:
+            return logits[-1], hidden[-1]
         return np.concatenate(logits), np.concatenate(hidden)
 
     def _check(self, x: np.ndarray) -> None:

@@ -180,12 +180,14 @@ def speculative_generate(
     finish: FinishReason = "length"
     steps = drafted = accepted = 0
 
-    def run(ids: list[int], parents: list[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def run(
+        ids: list[int], parents: list[int] | None = None, last_only: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         if parents is not None:
             return engine.forward_tree(ids, parents)  # type: ignore[attr-defined]
         if proposer.needs_hidden:
-            return engine.forward_hidden(ids)  # type: ignore[attr-defined]
-        return engine.forward(ids, last_only=False), None
+            return engine.forward_hidden(ids, last_only=last_only)  # type: ignore[attr-defined]
+        return engine.forward(ids, last_only=last_only), None
 
     def emit(token: int) -> bool:
         """Record a token; True when generation ends with it."""
@@ -205,7 +207,7 @@ def speculative_generate(
     engine.reset()
     proposer.reset()
     t0 = time.perf_counter()
-    logits, hidden = run(list(prompt_ids))
+    logits, hidden = run(list(prompt_ids), last_only=True)  # the prompt's last row only
     token = pick.greedy(logits[-1], seen) if config.greedy else pick.draw(pick.probs(logits[-1], seen))
     h = None if hidden is None else hidden[-1]
     t_first = time.perf_counter()

@@ -50,10 +50,13 @@ class TorchEngine:
         return self.model(x, cache=self._cache, last_only=last_only)[0].numpy()
 
     @torch.inference_mode()
-    def forward_hidden(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Append `ids`; return their logits (T, V) and final-normed hidden states (T, D)."""
+    def forward_hidden(self, ids: Sequence[int], last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Append `ids`; return their logits (T, V) and final-normed hidden states (T, D), or the last
+        position's (1, V) and (1, D) with `last_only`."""
         self._check(ids)
         h = self.model.hidden_states(torch.tensor([list(ids)], dtype=torch.long), cache=self._cache)
+        if last_only:
+            h = h[:, -1:]
         return self.model.logits(h)[0].numpy(), h[0].float().numpy()
 
     @torch.inference_mode()
