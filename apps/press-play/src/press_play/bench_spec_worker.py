@@ -9,7 +9,6 @@ prompt the tokens, the decode seconds and the speculation counts; the process's 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 
@@ -27,11 +26,11 @@ def main() -> None:
     if kind == "lookup":
         proposer = PromptLookup()
     elif kind == "draft":
-        proposer = DraftModel(OrtEngine(arg, threads=threads), engine.vocab_size)
+        proposer = DraftModel(OrtEngine(arg, threads=threads, spin=False), engine.vocab_size)
     elif kind == "heads":
         from omni_runtime.heads import OrtHeads
 
-        proposer = HeadsProposer(OrtHeads(arg, engine, threads=threads))
+        proposer = HeadsProposer(OrtHeads(arg, engine))
     config = SamplingConfig(max_new_tokens=spec["max_new_tokens"], temperature=0.0,
                             stop_token_ids=frozenset(spec["eos"]))  # fmt: skip
     k = spec["draft_tokens"]
@@ -44,7 +43,9 @@ def main() -> None:
         runs.append({"tokens": list(r.token_ids), "decode_s": r.decode_seconds, "decode_tokens": r.decode_steps,
                      "steps": s.steps if s else r.decode_steps, "drafted": s.drafted if s else 0,
                      "accepted": s.accepted if s else 0})  # fmt: skip
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from press_play.bench_onnx_worker import peak_rss_mb  # VmHWM: ru_maxrss would carry the parent's over
+
+    rss = peak_rss_mb()
     print(json.dumps({"runs": runs, "peak_rss_mb": rss}))
 
 

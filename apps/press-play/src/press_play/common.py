@@ -199,12 +199,16 @@ def open_proposer(text: str, runner: Runner) -> Proposer:
     if kind == "lookup":
         if arg and not (arg.isdigit() and 1 <= int(arg) <= 64):
             raise DataError(f"--speculative {text}: lookup:N takes the longest n-gram N, 1..64")
-        return PromptLookup(max_ngram=int(arg) if arg else 3)
+        return PromptLookup(max_ngram=int(arg), min_ngram=min(2, int(arg))) if arg else PromptLookup()
     if kind == "draft" and arg:
-        onnx = runner.engine.name == "onnx" and is_exported(arg)
         with err.status(f"opening the draft model {escape(arg)}"):
-            draft = open_runner(arg, "onnx" if onnx else "torch")
-        return DraftModel(draft.engine, runner.engine.vocab_size, name=f"draft {Path(arg).name}")
+            if runner.engine.name == "onnx" and is_exported(arg):
+                from omni_runtime.ort_engine import OrtEngine
+
+                engine = OrtEngine(arg, threads=settings.threads, spin=False)  # it alternates with the target
+            else:
+                engine = open_runner(arg, "torch").engine
+        return DraftModel(engine, runner.engine.vocab_size, name=f"draft {Path(arg).name}")
     if kind == "heads" and arg:
         return HeadsProposer(open_heads(Path(arg), runner))
     if kind == "heads-tree" and arg:

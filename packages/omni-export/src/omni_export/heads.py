@@ -117,13 +117,13 @@ def export_heads(heads_dir: str | Path, model_folder: str | Path, out: str | Pat
     token outside the set is never drafted (verification still decides every token)."""
     from safetensors.numpy import load_file
 
-    from omni_model.medusa import COUNTS, META, WEIGHTS, _read_meta, top_tokens
+    from omni_model.medusa import COUNTS, META, WEIGHTS, read_heads_meta, top_tokens
 
     heads_dir, model_folder, out = Path(heads_dir), Path(model_folder), Path(out)
     for p in (heads_dir / META, heads_dir / WEIGHTS):
         if not p.is_file():
             raise ExportError(f"{heads_dir}: no {p.name} (not a Medusa heads folder)")
-    hcfg, dim, vocab, base, _ = _read_meta(heads_dir / META)
+    hcfg, dim, vocab, base, _ = read_heads_meta(heads_dir / META)
     try:
         m = json.loads((model_folder / "manifest.json").read_text(encoding="utf-8"))
         mdim, mvocab = m["config"]["dim"], m["config"]["vocab_size"]
@@ -134,8 +134,11 @@ def export_heads(heads_dir: str | Path, model_folder: str | Path, out: str | Pat
             f"{heads_dir}: heads trained for another base ({base!r}: dim {dim}, vocabulary {vocab}); "
             f"{model_folder} has dim {mdim}, vocabulary {mvocab}"
         )
+    graph_name = m.get("graph")
+    if not isinstance(graph_name, str) or Path(graph_name).name != graph_name or graph_name.startswith("."):
+        raise ExportError(f"{model_folder / 'manifest.json'}: graph must be a file name inside the folder")
     w = load_file(str(heads_dir / WEIGHTS))
-    decoder = onnx.load(str(model_folder / m["graph"]), load_external_data=True)
+    decoder = onnx.load(str(model_folder / graph_name), load_external_data=True)
     head_nodes, head_inits = _head_subgraph(decoder)
     del decoder
     keep = None

@@ -117,7 +117,7 @@ def load_heads(folder: str | Path, base_model: Decoder, *, base_sha256: str | No
     for p in (meta_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{folder}: no {p.name} (not a Medusa heads folder; see save_heads)")
-    cfg, dim, vocab, base, sha = _read_meta(meta_path)
+    cfg, dim, vocab, base, sha = read_heads_meta(meta_path)
     ours = base_model.config
     if (base_sha256 is not None and sha != base_sha256) or (dim, vocab) != (ours.dim, ours.vocab_size):
         raise CheckpointError(
@@ -153,7 +153,7 @@ def load_heads(folder: str | Path, base_model: Decoder, *, base_sha256: str | No
     return heads
 
 
-def _read_meta(path: Path) -> tuple[HeadsConfig, int, int, str, str | None]:
+def read_heads_meta(path: Path) -> tuple[HeadsConfig, int, int, str, str | None]:
     """heads.json's config, dim, vocabulary size and base identity, every field's type checked."""
     if path.stat().st_size > MAX_META_BYTES:
         raise CheckpointError(

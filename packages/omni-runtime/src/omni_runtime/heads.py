@@ -35,8 +35,10 @@ class TorchHeads:
 
 
 class OrtHeads:
-    def __init__(self, folder: str | Path, engine: Any, *, threads: int = 2) -> None:
-        """The heads graph in `folder`, checked to belong to the ONNX engine's export (`engine.folder`)."""
+    def __init__(self, folder: str | Path, engine: Any, *, threads: int = 1) -> None:
+        """The heads graph in `folder`, checked to belong to the ONNX engine's export (`engine.folder`).
+        One thread that sleeps when idle: the heads' graph is small next to the decoder's, and a spinning
+        pool would take the cores the decoder's next run needs (2.4x slower steps on 2 cores)."""
         import hashlib
 
         import onnxruntime as ort
@@ -60,6 +62,7 @@ class OrtHeads:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(folder / "heads.onnx"), so, providers=["CPUExecutionProvider"]

@@ -70,11 +70,15 @@ class OrtEngine:
         threads: int = 2,
         max_seq_len: int | None = None,
         prefill_chunk: int = 128,
+        spin: bool = True,
     ) -> None:
         """`prefill_chunk`: a long prompt runs in chunks of this many tokens. Activations scale with
         the chunk and ONNX Runtime's arena keeps its peak. On the SmolLM2 int4 benchmark (512-token
         prompt, 2 threads) 128-token chunks peak at about 283 MB against 294 MB for 256 and more for
-        one 512-token call, at a prefill rate within the run-to-run noise of 256's."""
+        one 512-token call, at a prefill rate within the run-to-run noise of 256's. `spin` False: the
+        session's idle threads sleep at once instead of spinning for more work (ORT's default), which a
+        session that alternates with another in one process, a draft model's, needs: spinning threads
+        take the cores the other session's run needs."""
         if prefill_chunk < 1:
             raise EngineError(f"prefill_chunk must be positive, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
@@ -84,6 +88,8 @@ class OrtEngine:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if not spin:  # a second session in the same process (a draft model): idle threads must not spin
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(self.folder / m["graph"]), so, providers=["CPUExecutionProvider"]
