@@ -92,7 +92,7 @@ def test_greedy_output_is_identical_for_every_proposer(models, engine_kind):
         else OrtHeads(models / "heads-onnx", target)
     )
     proposers = {
-        "lookup": PromptLookup(),
+        "lookup": PromptLookup(min_ngram=1),
         "draft": DraftModel(engine(models / "draft"), lm.config.vocab_size),
         "self": DraftModel(engine(), lm.config.vocab_size),  # the target drafting for itself: all kept
         "heads": HeadsProposer(heads),
@@ -109,6 +109,10 @@ def test_greedy_output_is_identical_for_every_proposer(models, engine_kind):
                 if name == "self":
                     assert s.accepted == s.drafted and s.tokens_per_step > 1 + k / 2
     assert proposers["lookup"].propose([1, 2, 3, 9, 1, 2], 3, None, None).tokens == [3, 9, 1]
+    assert (
+        PromptLookup().propose([5, 6, 7, 5], 3, None, None).tokens == []
+    )  # by default 2..4-token matches only
+    assert PromptLookup().propose([5, 6, 7, 5, 6], 3, None, None).tokens == [7, 5, 6]
 
 
 SPECS = {  # small groups, residuals, windows and pages, so that rollbacks cross their boundaries
@@ -127,7 +131,7 @@ def test_rejected_drafts_roll_back_in_every_cache_kind(models, kind, tmp_path):
     cfg = SamplingConfig(max_new_tokens=30, stop_token_ids=frozenset())
     plain = generate(TorchEngine(lm, cache=spec), prompt, cfg)
     for proposer in (
-        PromptLookup(),
+        PromptLookup(min_ngram=1),  # single-token matches: many drafts, many rejected
         DraftModel(TorchEngine(omni_model.load(models / "draft")), lm.config.vocab_size),
     ):
         r = generate(TorchEngine(lm, cache=spec), prompt, cfg, speculative=proposer, draft_tokens=4)
@@ -285,7 +289,7 @@ def test_onnx_int8_kv_graph_rolls_back_exactly(models, tmp_path):
     for prompt in _prompts(lm):
         plain = generate(target, prompt, GREEDY)
         for proposer in (
-            PromptLookup(),
+            PromptLookup(min_ngram=1),
             DraftModel(TorchEngine(omni_model.load(models / "draft")), lm.config.vocab_size),
         ):
             r = generate(target, prompt, GREEDY, speculative=proposer, draft_tokens=3)
