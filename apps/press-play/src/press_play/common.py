@@ -241,18 +241,27 @@ def open_heads(folder: Path, runner: Runner):
     from omni_runtime.heads import HEADS_MANIFEST, OrtHeads
 
     if (folder / HEADS_MANIFEST).is_file():
-        return OrtHeads(folder, engine, threads=settings.threads)
+        return OrtHeads(folder, engine)
     if not (folder / "heads.json").is_file():
         raise DataError(f"{folder}: neither Medusa heads (heads.json) nor their ONNX form ({HEADS_MANIFEST})")
+    # Heads draft from the vocabulary they were trained on (--draft-vocab); heads trained on all of it
+    # but carrying token counts draft from the DRAFT_VOCAB tokens the base produced most (FR-Spec: their
+    # head's matmul, most of their cost, shrinks to match).
+    import json
+
     from omni_export.heads import export_heads, manifest_sha256
 
-    # Heads trained by press-play train heads carry token counts: they draft from the DRAFT_VOCAB tokens
-    # the base produced most (their head's matmul, most of their cost, shrinks to match).
-    vocab = (
-        DRAFT_VOCAB if (folder / "token-counts.npy").is_file() and engine.vocab_size > DRAFT_VOCAB else None
-    )
+    try:
+        trained = json.loads((folder / "heads.json").read_text(encoding="utf-8")).get("draft_vocab")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, AttributeError) as e:
+        raise DataError(
+            f"{folder / 'heads.json'}: not a readable heads file ({' '.join(str(e).split())[:120]})"
+        ) from None
+    vocab = trained if isinstance(trained, int) and not isinstance(trained, bool) else None
+    if vocab is None and (folder / "token-counts.npy").is_file() and engine.vocab_size > DRAFT_VOCAB:
+        vocab = DRAFT_VOCAB
     onnx_dir = folder / f"onnx-{manifest_sha256(engine.folder)[:16]}{f'-v{vocab}' if vocab else ''}"  # type: ignore[attr-defined]
     if not (onnx_dir / HEADS_MANIFEST).is_file():
         with err.status(f"exporting the heads for {escape(str(engine.folder))}"):  # type: ignore[attr-defined]
             export_heads(folder, engine.folder, onnx_dir, vocab_size=vocab)  # type: ignore[attr-defined]
-    return OrtHeads(onnx_dir, engine, threads=settings.threads)
+    return OrtHeads(onnx_dir, engine)
