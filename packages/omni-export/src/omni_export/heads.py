@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from omni_export.errors import ExportError
-from omni_model.files import replace_dir
+from omni_model.files import writing_dir
 
 HEADS_GRAPH, HEADS_DATA, HEADS_MANIFEST = "heads.onnx", "heads.onnx.data", "heads-manifest.json"
 HEADS_FORMAT = "omnicoder-onnx-heads"
@@ -220,17 +217,8 @@ def export_heads(heads_dir: str | Path, model_folder: str | Path, out: str | Pat
         "drafted_vocab": vocab if keep is None else len(keep),
         "model_manifest_sha256": manifest_sha256(model_folder),
     }  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with writing_dir(out, marker=HEADS_MANIFEST, what="exported heads", error=ExportError) as tmp:
         onnx.save_model(model, str(tmp / HEADS_GRAPH), save_as_external_data=True, location=HEADS_DATA,
                         size_threshold=1024)  # fmt: skip
         (tmp / HEADS_MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        replace_dir(tmp, out, marker=HEADS_MANIFEST, what="exported heads", error=ExportError)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

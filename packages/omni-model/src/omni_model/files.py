@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -20,3 +23,21 @@ def replace_dir(tmp: Path, out: Path, *, marker: str, what: str, error: type[Exc
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+@contextmanager
+def writing_dir(out: Path, *, marker: str, what: str, error: type[Exception]) -> Iterator[Path]:
+    """A temporary folder beside `out` to write the new one into. When the block ends cleanly it is
+    made readable by all (mkdtemp's 0700 is for the temporary name only) and put in place by
+    `replace_dir`; when it raises, the temporary folder is removed and `out` is untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        replace_dir(tmp, out, marker=marker, what=what, error=error)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

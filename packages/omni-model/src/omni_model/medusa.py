@@ -11,9 +11,6 @@ omni_train trains them; omni_runtime drafts with them. Heads save on their own (
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ from torch import Tensor, nn
 
 from omni_model.decoder import Decoder
 from omni_model.errors import CheckpointError, ConfigError
-from omni_model.files import replace_dir
+from omni_model.files import writing_dir
 
 WEIGHTS, META, COUNTS = "heads.safetensors", "heads.json", "token-counts.npy"
 FORMAT, VERSION = "omni-medusa-heads", 1
@@ -86,9 +83,7 @@ def save_heads(heads: MedusaHeads, cfg: HeadsConfig, folder: str | Path, *, base
             f"heads {heads.config} of dim {heads.dim}; the call says {cfg} of dim {base_dim}"
         )
     out = Path(folder)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with writing_dir(out, marker=META, what="a Medusa heads folder", error=CheckpointError) as tmp:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, str(tmp / WEIGHTS)
         )
@@ -101,11 +96,6 @@ def save_heads(heads: MedusaHeads, cfg: HeadsConfig, folder: str | Path, *, base
                     f"token_counts has shape {token_counts.shape}; the vocabulary has {vocab_size}"
                 )
             np.save(tmp / COUNTS, token_counts.astype(np.int64), allow_pickle=False)
-        os.chmod(tmp, 0o755)
-        replace_dir(tmp, out, marker=META, what="a Medusa heads folder", error=CheckpointError)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

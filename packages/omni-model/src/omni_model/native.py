@@ -16,9 +16,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import shutil
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -32,7 +29,7 @@ from omni_model.checkpoint.hf import iter_safetensors, read_json
 from omni_model.config import ModelConfig
 from omni_model.decoder import Decoder
 from omni_model.errors import CheckpointError, ConfigError
-from omni_model.files import replace_dir
+from omni_model.files import writing_dir
 from omni_model.fused import FusedBlock
 from omni_model.tokenizer import Tokenizer
 
@@ -63,20 +60,11 @@ def save(
     manifest = {"format": FORMAT, "version": VERSION, "config": config_to_dict(cfg),
                 "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "meta": meta or {}}  # fmt: skip
     text = json.dumps(manifest, indent=1, allow_nan=False)  # a meta that is not JSON fails before any write
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with writing_dir(out, marker=MANIFEST, what="an omnicoder checkpoint", error=CheckpointError) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 is for the temporary name only
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        replace_dir(tmp, out, marker=MANIFEST, what="an omnicoder checkpoint", error=CheckpointError)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
