@@ -87,3 +87,28 @@ def test_exported_folder_without_its_tokenizer(tiny_model_dir, tmp_path):
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "tokenizer.json: no such file" in lines[0], result.output
+
+
+def test_export_executorch_then_generate_and_evaluate(tiny_model_dir, text_file, tmp_path):
+    manifest = _export(tiny_model_dir, tmp_path / "et", "--format", "executorch", "--weights", "float32",
+                       "--max-seq-len", "128")  # fmt: skip
+    assert manifest["format"] == "omnicoder-executorch" and manifest["max_seq_len"] == 128
+    gen = ["generate", "To be", "--raw", "--temperature", "0", "-n", "12"]
+    texts = {}
+    for engine, model in (("torch", tiny_model_dir), ("auto", tmp_path / "et")):
+        result = runner.invoke(cli.app, [*gen, "--model", str(model), "--engine", engine])
+        assert result.exit_code == 0, result.output
+        texts[engine] = result.stdout
+    assert texts["auto"] == texts["torch"]
+    ppl = {}
+    for engine, model in (("torch", tiny_model_dir), ("executorch", tmp_path / "et")):
+        args = ["eval", "perplexity", "--model", str(model), "--engine", engine, "--text", str(text_file),
+                "--context", "64", "--json"]  # fmt: skip
+        result = runner.invoke(cli.app, args)
+        assert result.exit_code == 0, result.output
+        ppl[engine] = json.loads(result.stdout)
+    assert ppl["executorch"]["engine"] == "executorch"
+    assert math.isclose(ppl["executorch"]["ppl"], ppl["torch"]["ppl"], rel_tol=1e-4)
+    bad = runner.invoke(cli.app, ["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"),
+                                  "--format", "executorch", "--weights", "int8"])  # fmt: skip
+    assert bad.exit_code == 1 and "the ExecuTorch export takes float32 or int4" in bad.output

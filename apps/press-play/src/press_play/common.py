@@ -92,37 +92,51 @@ def open_runner(
     knn_settings: str | None = None,
 ) -> Runner:
     """`engine` "torch" loads the model with omni_model; "onnx" opens an exported folder (press-play
-    export) with ONNX Runtime; "auto" picks onnx for an exported folder and torch otherwise. `kv`: the
+    export) with ONNX Runtime; "executorch" an ExecuTorch export (press-play export --format executorch)
+    with executorch.runtime; "auto" picks by the folder's manifest, torch for anything else. `kv`: the
     PyTorch engine's cache kind (omni_kv.CacheSpec text, e.g. int8, kivi, sink:window=1024)."""
-    if engine not in ("auto", "torch", "onnx"):
-        raise DataError(f"--engine {engine}: must be auto, torch or onnx")
-    onnx = engine == "onnx" or (engine == "auto" and is_exported(source))
-    if knn is not None and onnx:
+    if engine not in ("auto", "torch", "onnx", "executorch"):
+        raise DataError(f"--engine {engine}: must be auto, torch, onnx or executorch")
+    if engine == "auto" and is_exported(source):
+        from omni_runtime.executorch_engine import is_executorch_folder
+
+        engine = "executorch" if is_executorch_folder(source) else "onnx"
+    exported = engine in ("onnx", "executorch")
+    if knn is not None and exported:
         raise DataError(f"--knn {knn}: kNN-LM runs with the PyTorch engine (it needs the hidden states)")
     if knn_settings is not None and knn is None:
         raise DataError("--knn-settings needs --knn DIR")
     spec = None
     if kv is not None:
-        if onnx:
+        if exported:
             raise DataError(
                 f"--kv {kv}: an exported model's cache is fixed at export (press-play export --kv)"
             )
         from omni_kv import CacheSpec
 
         spec = CacheSpec.parse(kv)
-    if onnx:
+    if exported:
         from omni_model.tokenizer import Tokenizer
-        from omni_runtime.ort_engine import OrtEngine
 
-        with err.status(f"opening {escape(source)} with ONNX Runtime"):
-            ort_engine = OrtEngine(source, threads=settings.threads)
-            tok = Tokenizer.from_hf_folder(Path(source))
-        q = ort_engine.manifest["quantization"]["weights"]
-        cfg = ort_engine.manifest["config"]
+        if engine == "onnx":
+            from omni_runtime.ort_engine import OrtEngine
+
+            with err.status(f"opening {escape(source)} with ONNX Runtime"):
+                opened: Engine = OrtEngine(source, threads=settings.threads)
+            kind = "ONNX"
+        else:
+            from omni_runtime.executorch_engine import ExecuTorchEngine
+
+            with err.status(f"opening {escape(source)} with ExecuTorch"):
+                opened = ExecuTorchEngine(source, threads=settings.threads)
+            kind = "ExecuTorch (XNNPACK)"
+        tok = Tokenizer.from_hf_folder(Path(source))
+        manifest = opened.manifest  # type: ignore[attr-defined]
+        q, cfg = manifest["quantization"]["weights"], manifest["config"]
         desc = (
-            f"ONNX, {q} weights, {cfg['n_layers']} layers, dim {cfg['dim']}, context {ort_engine.max_seq_len}"
+            f"{kind}, {q} weights, {cfg['n_layers']} layers, dim {cfg['dim']}, context {opened.max_seq_len}"
         )
-        return Runner(ort_engine, tok, source, desc)
+        return Runner(opened, tok, source, desc)
     lm, _ = load_model(source)
     if knn is not None:
         return knn_runner(lm, knn, spec, knn_settings)

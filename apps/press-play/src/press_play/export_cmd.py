@@ -21,9 +21,18 @@ def export(
     ],
     model: Model = DEFAULT_MODEL,
     fmt: Annotated[
-        str, typer.Option("--format", help="Export format; onnx is the one there is today.")
+        str,
+        typer.Option(
+            "--format", help="onnx (ONNX Runtime), or executorch (.pte for XNNPACK on Android/iOS CPUs)."
+        ),
     ] = "onnx",
-    weights: Annotated[str, typer.Option("--weights", help="float32, float16, int8 or int4.")] = "int4",
+    weights: Annotated[
+        str,
+        typer.Option(
+            "--weights",
+            help="onnx: float32, float16, int8 or int4; executorch: float32 or int4 (8-bit dynamic activations).",
+        ),
+    ] = "int4",
     block_size: Annotated[
         int, typer.Option("--block-size", help="Quantization block along K: 16..256.")
     ] = 32,
@@ -36,8 +45,11 @@ def export(
         typer.Option("--accuracy-level", help="MatMulNBits compute: 1 float32, 4 int8 activations (faster)."),
     ] = 4,
     max_seq_len: Annotated[
-        int, typer.Option("--max-seq-len", min=1, help="Longest context the graph serves.")
-    ] = 4096,
+        int | None,
+        typer.Option(
+            "--max-seq-len", min=2, help="Longest context the graph serves [onnx 4096, executorch 2048]."
+        ),
+    ] = None,
     kv: Annotated[
         str,
         typer.Option(
@@ -49,20 +61,33 @@ def export(
         typer.Option("--kv-calibration", help="With --kv int8: a sidecar from `press-play kv calibrate`."),
     ] = None,
 ) -> None:
-    """Export a model to an ONNX folder (graph, weights, tokenizer, manifest with parity figures)."""
+    """Export a model to a folder an on-device runtime opens (graph or program, tokenizer, manifest with
+    parity figures against PyTorch)."""
     with reporting_errors():
-        if fmt != "onnx":
-            raise DataError(f"--format {fmt}: not supported (supported: onnx)")
-        from omni_export.export import ExportConfig, export_onnx
-
-        config = ExportConfig(weights=weights, block_size=block_size, symmetric=symmetric,  # type: ignore[arg-type]
-                              accuracy_level=accuracy_level, max_seq_len=max_seq_len, kv=kv,
-                              kv_calibration=None if kv_calibration is None else str(kv_calibration))  # fmt: skip
+        if fmt not in ("onnx", "executorch"):
+            raise DataError(f"--format {fmt}: not supported (supported: onnx, executorch)")
         columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("export", total=5)
-            manifest = export_onnx(model, out_dir, config,
-                                   lambda what, done, total: bar.update(task, description=what, completed=done))  # fmt: skip
+
+            def progress(what: str, done: int, total: int) -> None:
+                bar.update(task, description=what, completed=done)
+
+            if fmt == "executorch":
+                from omni_export.executorch import ExecuTorchConfig, export_executorch
+
+                if weights not in ("float32", "int4"):
+                    raise DataError(f"--weights {weights}: the ExecuTorch export takes float32 or int4")
+                et_config = ExecuTorchConfig(weights=weights, group_size=block_size,  # type: ignore[arg-type]
+                                             max_seq_len=max_seq_len or 2048)  # fmt: skip
+                manifest = export_executorch(model, out_dir, et_config, progress)
+            else:
+                from omni_export.export import ExportConfig, export_onnx
+
+                config = ExportConfig(weights=weights, block_size=block_size, symmetric=symmetric,  # type: ignore[arg-type]
+                                      accuracy_level=accuracy_level, max_seq_len=max_seq_len or 4096, kv=kv,
+                                      kv_calibration=None if kv_calibration is None else str(kv_calibration))  # fmt: skip
+                manifest = export_onnx(model, out_dir, config, progress)
     p = manifest["parity"]
     out.print(f"wrote [bold]{escape(str(out_dir))}[/bold]: {manifest['file_bytes'] / 1e6:.1f} MB, {weights} weights",
               soft_wrap=True)  # fmt: skip

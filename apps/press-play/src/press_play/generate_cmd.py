@@ -27,7 +27,10 @@ Model = Annotated[
 ]
 EngineOption = Annotated[
     str,
-    typer.Option("--engine", help="torch, onnx (an exported folder), or auto: onnx for exported folders."),
+    typer.Option(
+        "--engine",
+        help="torch, onnx or executorch (exported folders), or auto: by the folder's manifest.",
+    ),
 ]
 KVOption = Annotated[
     str | None,
