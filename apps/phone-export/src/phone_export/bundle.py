@@ -176,8 +176,9 @@ def _write_format(fmt: str, build_dir: Path, build: dict[str, Any], lm: Any, tmp
         from omni_export.executorch import ExecuTorchConfig, export_executorch
 
         weights = "int4" if quantized else "float32"
-        m = export_executorch(lm, tmp / "executorch", ExecuTorchConfig(weights=weights, max_seq_len=context,
-                              prefill_chunk=min(128, context), parity_decode_tokens=0))  # fmt: skip
+        # From the source, not the loaded model: a GGUF's 4-bit blocks then carry over unchanged.
+        m = export_executorch(build["source"], tmp / "executorch", ExecuTorchConfig(weights=weights,
+                              max_seq_len=context, prefill_chunk=min(128, context), parity_decode_tokens=0))  # fmt: skip
         return {"path": PATHS[fmt], "runtime": RUNTIMES[fmt], "weights": weights, "file_bytes": m["file_bytes"],
                 "weights_bytes": m["file_bytes"], "kv_bytes_per_token": m["kv"]["bytes_per_token"],
                 "quantization": m["quantization"]}  # fmt: skip

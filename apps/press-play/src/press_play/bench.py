@@ -370,6 +370,7 @@ def suites() -> dict[str, Suite]:
         bench_mla,
         bench_moe,
         bench_onnx,
+        bench_phone,
         bench_retrieval,
         bench_speculative,
         bench_train,
@@ -421,6 +422,15 @@ def suites() -> dict[str, Suite]:
         cls = bench_speculative.SpecBenchConfig
         return cls.quick_config(**given) if a.quick else cls(**given)
 
+    def phone_config(a: argparse.Namespace) -> bench_phone.PhoneBenchConfig:
+        given = {
+            k: getattr(a, k) for k in ("model", "text", "rounds", "threads") if getattr(a, k) is not None
+        }
+        if a.peer_python is not None:
+            given["peer_python"] = a.peer_python
+        cls = bench_phone.PhoneBenchConfig
+        return cls.quick_config(**given) if a.quick else cls(**given)
+
     return {
         "smollm2": Suite(SECTION, smollm2_config, run_bench, render_section),
         "moe": Suite(bench_moe.SECTION, moe_config, bench_moe.run_moe_bench, bench_moe.render_moe_section),
@@ -449,6 +459,9 @@ def suites() -> dict[str, Suite]:
             spec_config,
             bench_speculative.run_spec_bench,
             bench_speculative.render_spec_section,
+        ),
+        "phone": Suite(
+            bench_phone.SECTION, phone_config, bench_phone.run_phone_bench, bench_phone.render_phone_section
         ),
     }
 

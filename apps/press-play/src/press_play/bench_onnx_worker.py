@@ -42,6 +42,20 @@ class OmniCoder:
         return self.e.forward(ids, last_only=False)
 
 
+class ExecuTorch:
+    def __init__(self, path: str, threads: int, n_ctx: int) -> None:
+        from omni_runtime.executorch_engine import ExecuTorchEngine
+
+        self.e = ExecuTorchEngine(path, threads=threads, max_seq_len=n_ctx)
+
+    reset, prefill, step, all_logits = (
+        OmniCoder.reset,
+        OmniCoder.prefill,
+        OmniCoder.step,
+        OmniCoder.all_logits,
+    )
+
+
 class GenAI:
     def __init__(self, path: str, threads: int, n_ctx: int) -> None:
         import onnxruntime_genai as og
@@ -101,7 +115,7 @@ class LlamaCpp:
         return np.asarray(self.llm.scores[: len(ids)])
 
 
-ENGINES = {"omnicoder-onnx": OmniCoder, "ort-genai": GenAI, "llama.cpp": LlamaCpp}
+ENGINES = {"omnicoder-onnx": OmniCoder, "executorch": ExecuTorch, "ort-genai": GenAI, "llama.cpp": LlamaCpp}
 
 
 def peak_rss_mb() -> float:
@@ -130,7 +144,32 @@ def decode(engine, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
     return stamps[0] - t0, (n - 1) / (stamps[-1] - stamps[0]), out
 
 
+def _import_runtime(engine: str) -> None:
+    """Import the runtime library alone, so that the baseline RSS holds the interpreter and the library
+    (for ExecuTorch's Python bindings that is torch too, which a phone app does not carry)."""
+    if engine == "executorch":
+        from omni_runtime.executorch_engine import _runtime
+
+        _runtime()
+    elif engine == "omnicoder-onnx":
+        import onnxruntime  # noqa: F401
+    elif engine == "llama.cpp":
+        import llama_cpp  # noqa: F401
+    elif engine == "ort-genai":
+        import onnxruntime_genai  # noqa: F401
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def speed(spec: dict) -> dict:
+    _import_runtime(spec["engine"])
+    baseline = rss_mb()
     t0 = time.perf_counter()
     engine = ENGINES[spec["engine"]](spec["path"], spec["threads"], spec["n_ctx"])
     load_s = time.perf_counter() - t0
@@ -141,7 +180,7 @@ def speed(spec: dict) -> dict:
     prefill_s, long_tok_s, tokens = decode(engine, spec["prompt_ids"], spec["decode_tokens"])
     return {"load_s": load_s, "decode_tok_s_short": short_tok_s, "decode_tok_s_long": long_tok_s,
             "prefill_tok_s": len(spec["prompt_ids"]) / prefill_s, "greedy_tokens": tokens,
-            "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+            "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}  # fmt: skip
 
 
 def perplexity(spec: dict) -> dict:
