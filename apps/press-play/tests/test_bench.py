@@ -115,6 +115,7 @@ def test_arguments_and_command_line():
         "train",
         "distill",
         "speculative",
+        "phone",
     ]  # every suite by default
     config = args.configs["smollm2"]
     assert config == BenchConfig() and args.out is not None and args.out.name == "BENCHMARKS.md"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -130,3 +132,18 @@ def test_unsupported_architectures_are_refused(tmp_path):
     with pytest.raises(UnsupportedExportError, match="mixture-of-experts"):
         export_executorch(tmp_path / "moe", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_opening_and_running_prints_nothing(exported):
+    """ExecuTorch's C++ side logs CPU probing to stderr when its thread pool starts, and torch logs a
+    deprecation when torchao is imported: both silenced."""
+    root, _ = exported
+    code = ("from omni_runtime.executorch_engine import ExecuTorchEngine\n"
+            f"e = ExecuTorchEngine({str(root / 'float32')!r})\ne.forward([1, 2, 3]); e.forward([4])\n")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and "cpuinfo" not in proc.stderr and "[" not in proc.stderr.replace("[W", ""), (
+        proc.stderr
+    )

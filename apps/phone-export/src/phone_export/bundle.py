@@ -231,7 +231,7 @@ def _reference(lm: Any, config: BundleConfig, quantized: bool, context: int) -> 
         raise BundleError(f"context {context} is too short to verify {config.verify_tokens} generated tokens")
     engine = TorchEngine(lm)
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=config.verify_tokens, stop_token_ids=frozenset())
-    out: dict[str, Any] = {"prompt": prompt, "tokens": list(generate(engine, prompt, cfg).token_ids),
+    out: dict[str, Any] = {"prompt": prompt, "context": context, "tokens": list(generate(engine, prompt, cfg).token_ids),
                            "description": "omni_model PyTorch decoder, float32, greedy"}  # fmt: skip
     if quantized:
         ppl_ids = ids[: config.ppl_tokens]
@@ -260,6 +260,7 @@ def _verify(fmt: str, tmp: Path, model: dict[str, Any], reference: dict[str, Any
             **parity,
         }
     request = {"format": fmt, "path": str(tmp / Path(PATHS[fmt]).parent), "threads": config.threads,
+               "context": reference["context"],
                "prompt": reference["prompt"], "new_tokens": config.verify_tokens,
                "ppl_ids": reference.get("ppl_ids"), "ppl_context": reference.get("ppl_context")}  # fmt: skip
     req = tmp / f".verify-{fmt}.json"

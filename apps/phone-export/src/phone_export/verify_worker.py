@@ -1,6 +1,6 @@
 """One model file of a bundle, opened by the runtime library the phone uses, in a process of its own.
 
-`python -m phone_export.verify_worker REQUEST.json` reads {"format", "path", "threads", "prompt",
+`python -m phone_export.verify_worker REQUEST.json` reads {"format", "path", "threads", "context", "prompt",
 "new_tokens", "ppl_ids", "ppl_context"} and prints one JSON line: the greedy tokens after the prompt,
 prefill and decode tokens/s, the perplexity of `ppl_ids` when given, and memory: the process's resident
 bytes once the runtime library is imported (before the model is opened) and its peak (VmHWM) at the end.
@@ -27,13 +27,13 @@ def run(request: dict) -> dict:
     if fmt == "ort":
         from omni_runtime.ort_engine import OrtEngine as Engine
 
-        kwargs: dict = {"threads": threads}
+        kwargs: dict = {"threads": threads, "max_seq_len": request["context"]}  # the cache the app allocates
     elif fmt == "pte":
         from omni_runtime.executorch_engine import ExecuTorchEngine as Engine
         from omni_runtime.executorch_engine import _runtime
 
         _runtime()  # the runtime's libraries are part of the baseline, not of the model's cost
-        kwargs = {"threads": threads}
+        kwargs = {"threads": threads}  # the program's cache length was fixed at export (the context)
     else:
         raise SystemExit(f"verify_worker: unknown format {fmt!r}")
     from omni_model.sampling_config import SamplingConfig

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 import omni_model
 from omni_export.errors import ExportError, UnsupportedExportError
 from omni_model.decoder import Decoder
-from omni_model.files import writing_dir
+from omni_model.files import native_stderr_silenced, writing_dir
 from omni_model.loader import LoadedModel, resolve_source
 from omni_model.rope import apply_rope
 
@@ -99,7 +99,10 @@ def check_supported(cfg: omni_model.ModelConfig) -> None:
 @contextmanager
 def quiet() -> Any:
     """ExecuTorch, torchao and coremltools log and warn on import and export; a library must not print."""
-    loggers = [logging.getLogger(n) for n in ("", "executorch", "torchao", "coremltools", "torch._export")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("", "executorch", "torchao", "coremltools", "torch._export", "torch.utils._pytree")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -375,11 +378,14 @@ class Program:
 
     def __init__(self, path: Path) -> None:
         _llm_ops()
-        with quiet():
+        with quiet(), native_stderr_silenced():  # ExecuTorch's thread pool logs CPU probing on fd 2
             from executorch.runtime import Runtime
 
             program = Runtime.get().load_program(path)
-        self.chunk_method, self.decode_method = program.load_method("prefill"), program.load_method("decode")
+            self.chunk_method, self.decode_method = (
+                program.load_method("prefill"),
+                program.load_method("decode"),
+            )
         meta = self.chunk_method.metadata.input_tensor_meta(0)
         self.chunk = int(meta.sizes()[1])
 

@@ -1,9 +1,11 @@
-"""Putting a finished folder in place: the last step of every atomic folder write (exports, indices)."""
+"""Putting a finished folder in place: the last step of every atomic folder write (exports, indices);
+and keeping native libraries' own prints off the terminal."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,3 +43,19 @@ def writing_dir(out: Path, *, marker: str, what: str, error: type[Exception]) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null while the block runs: for native libraries that log to it
+    directly (ExecuTorch's CPU probing when its thread pool starts), which a library must not let
+    through. Their failures still arrive as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from omni_model.files import native_stderr_silenced
 from omni_runtime.engine import EngineError
 
 MANIFEST = "manifest.json"
@@ -65,9 +66,11 @@ def _runtime() -> Any:
     import logging
     import warnings
 
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    # torch's pytree logs a deprecation at WARNING through its own handler when torchao registers enums
+    loggers = [logging.getLogger(), logging.getLogger("torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -80,7 +83,8 @@ def _runtime() -> Any:
             f"the ExecuTorch engine needs the executorch package (omni-runtime[executorch]): {e}"
         ) from None
     finally:
-        root.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
     return Runtime, portable_lib
 
 
@@ -97,12 +101,13 @@ class ExecuTorchEngine:
         runtime, portable_lib = _runtime()
         if threads < 1:
             raise EngineError(f"threads must be positive, got {threads}")
-        if portable_lib._threadpool_get_thread_count() != threads:
-            portable_lib._unsafe_reset_threadpool(threads)
         try:
-            program = runtime.get().load_program(self.folder / m["program"])
-            self._prefill = program.load_method("prefill")
-            self._decode = program.load_method("decode")
+            with native_stderr_silenced():
+                if portable_lib._threadpool_get_thread_count() != threads:
+                    portable_lib._unsafe_reset_threadpool(threads)
+                program = runtime.get().load_program(self.folder / m["program"])
+                self._prefill = program.load_method("prefill")
+                self._decode = program.load_method("decode")
         except Exception as e:  # the bindings raise RuntimeError/ValueError with multi-line logs
             raise EngineError(
                 f"{self.folder / m['program']}: ExecuTorch cannot load it: {' '.join(str(e).split())[:200]}"
