@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 from typer.testing import CliRunner
 
@@ -112,3 +114,15 @@ def test_export_executorch_then_generate_and_evaluate(tiny_model_dir, text_file,
     bad = runner.invoke(cli.app, ["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"),
                                   "--format", "executorch", "--weights", "int8"])  # fmt: skip
     assert bad.exit_code == 1 and "the ExecuTorch export takes float32 or int4" in bad.output
+
+
+def test_executorch_export_prints_only_its_own_lines(tiny_model_dir, tmp_path):
+    """torch, torchao and ExecuTorch's native code log on import, lowering and load: none of it gets out."""
+    proc = subprocess.run([sys.executable, "-m", "press_play.cli", "export", "--model", str(tiny_model_dir),
+                           "--out", str(tmp_path / "et"), "--format", "executorch", "--weights", "int4",
+                           "--max-seq-len", "64"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split(":")[0] for line in proc.stderr.splitlines() if line.strip()] == [
+        "parity against PyTorch"
+    ]
+    assert proc.stdout.startswith("wrote ")

@@ -78,8 +78,9 @@ def export(
 
                 if weights not in ("float32", "int4"):
                     raise DataError(f"--weights {weights}: the ExecuTorch export takes float32 or int4")
-                et_config = ExecuTorchConfig(weights=weights, group_size=block_size,  # type: ignore[arg-type]
-                                             max_seq_len=max_seq_len or 2048)  # fmt: skip
+                n = max_seq_len or 2048
+                et_config = ExecuTorchConfig(weights=weights, group_size=block_size, max_seq_len=n,  # type: ignore[arg-type]
+                                             prefill_chunk=min(128, n))  # fmt: skip
                 manifest = export_executorch(model, out_dir, et_config, progress)
             else:
                 from omni_export.export import ExportConfig, export_onnx

@@ -197,10 +197,11 @@ class Method(nn.Module):
 
 def _intx(w: Tensor, scale: Tensor, group: int, bits: int, dynamic_acts: bool) -> nn.Parameter:
     """A torchao IntxUnpackedToInt8Tensor weight from float values that are exactly codes * scale."""
-    from torchao.quantization.quantize_.workflows import IntxUnpackedToInt8Tensor
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-        IntxUnpackedToInt8TensorActivationQuantization as Act,
-    )
+    with quiet():  # importing torchao makes torch log a deprecation about enums
+        from torchao.quantization.quantize_.workflows import IntxUnpackedToInt8Tensor
+        from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+            IntxUnpackedToInt8TensorActivationQuantization as Act,
+        )
 
     dtype = {4: torch.int4, 8: torch.int8}[bits]
     q = IntxUnpackedToInt8Tensor.from_hp(
