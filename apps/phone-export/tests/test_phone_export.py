@@ -111,13 +111,27 @@ def test_ios_bundle_validates_core_ml_and_runs_executorch(build):
     assert pte["ran"] and pte["tokens_identical"] and pte["passed"]
 
 
-def test_quantized_bundle_is_checked_by_perplexity(tmp_path):
+def test_quantized_bundle_that_drifts_is_not_written(tmp_path):
+    """A tiny random model loses far more than 1% perplexity to 4 bits: the check names it, nothing is written."""
     tiny.save_tiny("llama", tmp_path / "hf", seed=3)
     export_onnx(tmp_path / "hf", tmp_path / "build", ExportConfig(weights="int4", max_seq_len=128,
                 parity_prompt_tokens=8, parity_decode_tokens=4), parity_text=TEXT)  # fmt: skip
     result = _run("android", tmp_path / "build", "--out", tmp_path / "b", "--formats", "ort")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "host verification failed: ort: perplexity" in result.output and "tolerance 1%" in result.output
+    assert not (tmp_path / "b").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]
+
+
+@pytest.mark.slow
+def test_smollm2_int4_android_bundle_passes_by_perplexity(tmp_path):
+    export_onnx("smollm2-135m-instruct", tmp_path / "build", ExportConfig(weights="int4", max_seq_len=2048,
+                parity_prompt_tokens=8, parity_decode_tokens=4))  # fmt: skip
+    result = _run(
+        "android", tmp_path / "build", "--out", tmp_path / "b", "--formats", "ort", "--budget", "2GB"
+    )
     assert result.exit_code == 0, result.output
-    v = json.loads((tmp_path / "b" / "manifest.json").read_text())["models"]["ort"]["verification"]
-    assert v["passed"] and abs(v["perplexity_delta"]) <= 0.01
-    assert v["perplexity_delta"] == pytest.approx(v["perplexity"] / v["reference_perplexity"] - 1)
-    assert v["reference_perplexity"] > 1 and v["perplexity"] != v["reference_perplexity"]  # 4-bit, not float
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())["models"]["ort"]
+    v, b = m["verification"], m["budget"]
+    assert v["passed"] and abs(v["perplexity_delta"]) <= 0.01 and v["generated"] == 32
+    assert 40 < v["reference_perplexity"] < 45  # SmolLM2 on the first 4096 tokens of Hamlet
+    assert b["fits"] and b["kv_bytes"] == 2048 * 46080 and b["overhead_measured"]

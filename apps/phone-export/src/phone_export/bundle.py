@@ -49,7 +49,10 @@ class BundleConfig:
     budget_bytes: int = 2 * 10**9
     context: int | None = None  # KV cache length the app will use (None: the build's max_seq_len)
     verify_tokens: int = 32
-    ppl_tokens: int = 1024  # quantized formats: perplexity over this many tokens of the default text
+    # Quantized formats: perplexity over this many tokens of the default text, in windows of up to 512.
+    # Fewer are too noisy for a 1% check: on SmolLM2 int4 the ONNX graph is +0.01% over 4096 tokens
+    # but +1.12% over 1024 in 256-token windows.
+    ppl_tokens: int = 4096
     ppl_tolerance: float = 0.01
     threads: int = 2
 
@@ -235,7 +238,7 @@ def _reference(lm: Any, config: BundleConfig, quantized: bool, context: int) -> 
                            "description": "omni_model PyTorch decoder, float32, greedy"}  # fmt: skip
     if quantized:
         ppl_ids = ids[: config.ppl_tokens]
-        window = min(256, context)
+        window = min(512, context)
         out |= {
             "ppl_ids": ppl_ids,
             "ppl_context": window,

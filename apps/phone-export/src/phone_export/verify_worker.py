@@ -3,7 +3,8 @@
 `python -m phone_export.verify_worker REQUEST.json` reads {"format", "path", "threads", "context", "prompt",
 "new_tokens", "ppl_ids", "ppl_context"} and prints one JSON line: the greedy tokens after the prompt,
 prefill and decode tokens/s, the perplexity of `ppl_ids` when given, and memory: the process's resident
-bytes once the runtime library is imported (before the model is opened) and its peak (VmHWM) at the end.
+bytes once the runtime library is imported (before the model is opened) and its peak (VmHWM) after
+the generation (before perplexity is scored).
 A process of its own so that the peak is this runtime's alone.
 """
 
@@ -49,10 +50,11 @@ def run(request: dict) -> dict:
     result = generate(engine, prompt, config)
     out = {"tokens": list(result.token_ids), "load_s": load_s, "prefill_tok_s": result.prefill_tokens_per_second,
            "decode_tok_s": result.decode_tokens_per_second, "baseline_rss": baseline}  # fmt: skip
-    if request.get("ppl_ids"):
-        ppl = perplexity(engine, request["ppl_ids"], request["ppl_context"])
-        out["perplexity"] = ppl.ppl
+    # The peak of an app's run (load, prefill, decode), read before perplexity scoring, whose all-position
+    # logits and float64 arithmetic an app never holds.
     out["peak_rss"] = _status("VmHWM")
+    if request.get("ppl_ids"):
+        out["perplexity"] = perplexity(engine, request["ppl_ids"], request["ppl_context"]).ppl
     return out
 
 
