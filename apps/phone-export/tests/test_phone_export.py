@@ -30,10 +30,16 @@ def _run(*args):
     return runner.invoke(cli.app, [str(a) for a in args])
 
 
-def test_android_bundle_is_verified_by_both_runtimes(build):
+@pytest.fixture(scope="module")
+def android(build):
     out = build / "android"
     result = _run("android", build / "build", "--out", out)
     assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_android_bundle_is_verified_by_both_runtimes(android):
+    out, result = android
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {"manifest.json", "dashboard.html", "tokenizer.json", "chat_template.jinja", "onnx/model.ort",
             "onnx/required_operators.config", "executorch/model.pte"} <= names  # fmt: skip
@@ -86,10 +92,8 @@ def test_bad_input_gets_one_line(build, tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="PATH handling")
-def test_push_without_adb_says_so(build, tmp_path, monkeypatch):
-    bundle = build / "android"
-    if not (bundle / "manifest.json").is_file():
-        pytest.skip("needs the android bundle of the first test")
+def test_push_without_adb_says_so(android, tmp_path, monkeypatch):
+    bundle, _ = android
     monkeypatch.setenv("PATH", str(tmp_path))  # a folder with no adb in it
     result = _run("push", bundle, "--adb")
     assert result.exit_code == 1 and "adb is not on the PATH" in result.output
