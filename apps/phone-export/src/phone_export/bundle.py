@@ -28,7 +28,7 @@ from typing import Any
 
 from omni_export.budget import MemoryBudget
 from omni_export.errors import ExportError
-from omni_model.files import writing_dir
+from omni_model.files import read_json, writing_dir
 
 FORMAT, VERSION, MANIFEST = "omnicoder-bundle", 1, "manifest.json"
 PLATFORMS = {"android": ("ort", "pte"), "ios": ("mlpackage", "pte")}
@@ -80,10 +80,7 @@ def read_build(build_dir: Path) -> dict[str, Any]:
         raise BundleError(f"{build_dir}: no such folder")
     if not path.is_file():
         raise BundleError(f"{build_dir}: no {MANIFEST} (not a build folder; make one with press-play export)")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise BundleError(f"{path}: not readable JSON: {' '.join(str(e).split())[:160]}") from None
+    m = read_json(path, BundleError)
     if not isinstance(m, dict) or m.get("format") != "omnicoder-onnx":
         raise BundleError(f"{path}: not a build manifest (press-play export writes format 'omnicoder-onnx')")
     for key in ("source", "config", "quantization", "kv", "max_seq_len", "graph"):
@@ -194,11 +191,11 @@ def _write_format(fmt: str, build_dir: Path, build: dict[str, Any], lm: Any, tmp
     structure = validate_coreml(path, lm.config, cm_config)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return {"path": PATHS[fmt], "runtime": RUNTIMES[fmt], "weights": cm_config.weights, "file_bytes": size,
-            "weights_bytes": size, "kv_bytes_per_token": _coreml_kv_per_token(summary, lm.config, context),
+            "weights_bytes": size, "kv_bytes_per_token": _coreml_kv_per_token(summary, lm.config),
             "structure": structure}  # fmt: skip
 
 
-def _coreml_kv_per_token(summary: dict[str, Any], cfg: Any, context: int) -> int:
+def _coreml_kv_per_token(summary: dict[str, Any], cfg: Any) -> int:
     width = 2 if summary.get("cache_dtype", "float16") == "float16" else 4
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_size * width
 
@@ -314,10 +311,7 @@ def read_bundle(folder: str | Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():
         raise BundleError(f"{folder}: no {MANIFEST} (not a bundle; make one with phone-export android|ios)")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise BundleError(f"{path}: not readable JSON: {' '.join(str(e).split())[:160]}") from None
+    m = read_json(path, BundleError)
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("platform") not in PLATFORMS:
         raise BundleError(f"{path}: not a bundle manifest (format is not {FORMAT!r})")
     return m

@@ -3,6 +3,7 @@ and keeping native libraries' own prints off the terminal."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -10,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def replace_dir(tmp: Path, out: Path, *, marker: str, what: str, error: type[Exception]) -> None:
@@ -59,3 +61,12 @@ def native_stderr_silenced() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def read_json(path: Path, error: type[Exception]) -> Any:
+    """The JSON document at `path` (untrusted: a manifest, a sidecar); `error` with one line naming the
+    file when it cannot be read or parsed."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise error(f"{path}: not readable JSON: {' '.join(str(e).split())[:200]}") from None

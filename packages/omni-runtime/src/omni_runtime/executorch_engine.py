@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from omni_model.files import native_stderr_silenced
+from omni_model.files import native_stderr_silenced, read_json
 from omni_runtime.engine import EngineError
 
 MANIFEST = "manifest.json"
@@ -31,10 +31,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise EngineError(f"{folder}: no such folder")
     if not path.is_file():
         raise EngineError(f"{folder}: no {MANIFEST} (not an exported model folder; see press-play export)")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise EngineError(f"{path}: not readable JSON: {' '.join(str(e).split())[:200]}") from None
+    m = read_json(path, EngineError)
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EngineError(f"{path}: not an OmniCoder ExecuTorch manifest (format is not {FORMAT!r})")
     try:

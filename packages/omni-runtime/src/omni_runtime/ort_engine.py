@@ -12,7 +12,6 @@ call (a few hundred bytes per token and layer).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from omni_model.files import read_json
 from omni_runtime.engine import EngineError
 
 MANIFEST = "manifest.json"
@@ -35,10 +35,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise EngineError(f"{folder}: no such folder")
     if not path.is_file():
         raise EngineError(f"{folder}: no {MANIFEST} (not an exported model folder; see press-play export)")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise EngineError(f"{path}: not readable JSON: {' '.join(str(e).split())[:200]}") from None
+    m = read_json(path, EngineError)
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EngineError(f"{path}: not an OmniCoder ONNX manifest (format is not {FORMAT!r})")
     try:
