@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -259,21 +258,17 @@ def _verify(fmt: str, tmp: Path, model: dict[str, Any], reference: dict[str, Any
             "how": "Core ML prediction",
             **parity,
         }
+    from omni_runtime.engine import EngineError
+    from omni_runtime.host_run import host_run
+
     request = {"format": fmt, "path": str(tmp / Path(PATHS[fmt]).parent), "threads": config.threads,
                "context": reference["context"],
                "prompt": reference["prompt"], "new_tokens": config.verify_tokens,
                "ppl_ids": reference.get("ppl_ids"), "ppl_context": reference.get("ppl_context")}  # fmt: skip
-    req = tmp / f".verify-{fmt}.json"
-    req.write_text(json.dumps(request), encoding="utf-8")
     try:
-        proc = subprocess.run([sys.executable, "-m", "phone_export.verify_worker", str(req)],
-                              capture_output=True, text=True, timeout=1800)  # fmt: skip
-    finally:
-        req.unlink(missing_ok=True)
-    if proc.returncode != 0:
-        tail = " ".join(proc.stderr.strip().splitlines()[-1:])[:200]
-        raise BundleError(f"{PATHS[fmt]}: the host run failed: {tail}")
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+        got = host_run(request)
+    except EngineError as e:
+        raise BundleError(f"{PATHS[fmt]}: {str(e).split(': ', 1)[-1]}") from None
     same = got["tokens"] == reference["tokens"]
     first = next(
         (i for i, (a, b) in enumerate(zip(got["tokens"], reference["tokens"], strict=False)) if a != b), None
