@@ -26,7 +26,7 @@ def test_version_lists_every_omni_distribution():
     assert result.exit_code == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert {"omni-model", "omni-kv", "press-play"} <= set(names)
-    assert all(n.startswith("omni-") or n == "press-play" for n in names)
+    assert all(n.startswith("omni-") or n in ("press-play", "phone-export") for n in names)
     assert all(len(line.split()) == 2 for line in result.stdout.splitlines())
 
 

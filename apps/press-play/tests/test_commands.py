@@ -120,8 +120,7 @@ def test_tour_says_what_it_did(tiny_model_dir, text_file, monkeypatch):
     monkeypatch.setattr(tour, "TEXT", str(text_file))
     monkeypatch.setattr(tour, "CONTEXT", 64)
     monkeypatch.setattr(tour, "MAX_TOKENS", 256)
-    monkeypatch.setattr(cli, "DEFAULT_ACTION", lambda: tour.run_tour(str(tiny_model_dir)))
-    result = runner.invoke(cli.app, [])
+    result = runner.invoke(cli.app, ["tour", "--model", str(tiny_model_dir)])
     assert result.exit_code == 0, result.output
     for step in ("1. loaded", "2. generating", "3. perplexity", "What was done", "Go further", "press-play chat"):  # fmt: skip
         assert step in result.stdout

@@ -1,20 +1,21 @@
-"""The `press-play` command: generate, chat, eval, and a tour of the default model with no arguments.
+"""The `press-play` command: build (also what a bare `press-play` runs), generate, chat, eval, export, ...
 
 Commands stay thin (parse, call omni_model, render); each lives in its own module and is registered
-here. `DEFAULT_ACTION` is what a bare `press-play` runs, kept as one name so it is easy to swap.
+here. `DEFAULT_ACTION` is what a bare `press-play` runs: the single-button build of the default model
+for the default profile.
 """
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import os
 from collections.abc import Callable
 from typing import Annotated
 
 import typer
 
+from press_play.build_cmd import build, run_build
 from press_play.chat_cmd import chat
-from press_play.common import out, reporting_errors, settings
+from press_play.common import installed_versions, out, reporting_errors, settings
 from press_play.eval_cmd import eval_app
 from press_play.export_cmd import export
 from press_play.generate_cmd import generate
@@ -23,16 +24,18 @@ from press_play.kv_cmd import kv_app
 from press_play.tour import run_tour
 from press_play.train_cmd import train_app
 
-DEFAULT_ACTION: Callable[[], None] = run_tour
+DEFAULT_ACTION: Callable[[], None] = run_build
 
 app = typer.Typer(
     name="press-play",
-    help="OmniCoder's press-play: run, chat with and evaluate small on-device language models.\n\n"
-    "With no command, takes a short tour of the default model (smollm2-135m-instruct).",
+    help="OmniCoder's press-play: build, run, chat with and evaluate small on-device language models.\n\n"
+    "With no command, builds the default model (smollm2-135m-instruct) for the mobile-2gb profile: "
+    "press-play build.",
     invoke_without_command=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+app.command()(build)
 app.command()(generate)
 app.command()(chat)
 app.command()(export)
@@ -40,22 +43,13 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(kv_app, name="kv")
 app.add_typer(index_app, name="index")
 app.add_typer(train_app, name="train")
-
-
-def _installed_versions() -> list[tuple[str, str]]:
-    """(name, version) of every installed omni-* distribution and press-play, sorted by name."""
-    found: dict[str, str] = {}
-    for dist in md.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
-        if name.startswith("omni-") or name == "press-play":
-            found[name] = dist.version
-    return sorted(found.items())
+app.command("tour")(run_tour)
 
 
 def _print_version(value: bool) -> None:
     if not value:
         return
-    for name, version in _installed_versions():
+    for name, version in installed_versions():
         out.print(f"{name} {version}", highlight=False)
     raise typer.Exit()
 
@@ -86,7 +80,7 @@ def root(
         ),
     ] = False,
 ) -> None:
-    """OmniCoder's press-play: run, chat with and evaluate small on-device language models."""
+    """OmniCoder's press-play: build, run, chat with and evaluate small on-device language models."""
     import torch
 
     settings.threads = threads or _all_cores()

@@ -52,6 +52,18 @@ def reporting_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+def installed_versions() -> list[tuple[str, str]]:
+    """(name, version) of every installed omni-* distribution and the two apps, sorted by name."""
+    import importlib.metadata as md
+
+    found: dict[str, str] = {}
+    for dist in md.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name.startswith("omni-") or name in ("press-play", "phone-export"):
+            found[name] = dist.version
+    return sorted(found.items())
+
+
 def load_model(source: str) -> tuple[LoadedModel, float]:
     """Load a model under a spinner; return it and the seconds it took."""
     import omni_model

@@ -1,8 +1,7 @@
-"""The no-argument action: a short tour of the default model that says what it did.
+"""`press-play tour`: a short tour of the default model that says what it did.
 
 Load the zoo model, stream a chat-templated reply with its speed, measure perplexity on the start of
-Hamlet, then summarize and show the commands that go further. `cli.DEFAULT_ACTION` points here; a
-build pipeline is meant to replace it.
+Hamlet, then summarize and show the commands that go further.
 """
 
 from __future__ import annotations
@@ -30,9 +29,7 @@ NEXT_STEPS = [
 
 def run_tour(model: str = DEFAULT_MODEL) -> None:
     """Load `model`, generate from a chat prompt, measure perplexity on Hamlet, summarize."""
-    out.print(
-        f"[bold]press-play[/bold]: no command given, so here is a tour of [bold]{escape(model)}[/bold].\n"
-    )
+    out.print(f"[bold]press-play tour[/bold] of [bold]{escape(model)}[/bold].\n")
 
     lm, load_s = load_model(model)
     out.print(

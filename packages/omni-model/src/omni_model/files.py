@@ -40,7 +40,7 @@ def writing_dir(out: Path, *, marker: str, what: str, error: type[Exception]) ->
         yield tmp
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():
-            os.chmod(f, 0o644)
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         replace_dir(tmp, out, marker=marker, what=what, error=error)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,13 +1,16 @@
 """One exported model opened by the runtime library a phone links, in a process of its own.
 
 `host_run(request)` starts `python -m omni_runtime.host_run REQUEST.json` and returns what it printed.
-The request is {"format", "path", "threads", "context", "prompt", "new_tokens", "ppl_ids", "ppl_context"}:
+The request is {"format", "path", "threads", "context", "prompt", "new_tokens", "ppl_ids", "ppl_context",
+"speculative"}:
 format "onnx" (a folder of `press-play export` or its ORT-format twin, run by `OrtEngine` with a cache of
 `context` tokens) or "executorch" (a folder with a .pte; its cache length was fixed at export). The
 answer holds the greedy tokens after the prompt, prefill and decode tokens/s, the perplexity of
 `ppl_ids` in non-overlapping `ppl_context` windows when given, and memory: the process's resident bytes
 once the runtime library is imported (before the model is opened) and its peak (VmHWM) after the
-generation (before perplexity is scored, whose all-position logits an app never holds).
+generation (before perplexity is scored, whose all-position logits an app never holds). With
+"speculative": "lookup" the prompt is generated from again with prompt-lookup drafts, and the answer
+adds that run's decode tokens/s, tokens per verification step and whether its tokens are the same.
 A process of its own so that the peak is this runtime's alone.
 """
 
@@ -61,6 +64,14 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     out = {"tokens": list(result.token_ids), "load_s": load_s, "prefill_tok_s": result.prefill_tokens_per_second,
            "decode_tok_s": result.decode_tokens_per_second, "baseline_rss": baseline,
            "peak_rss": _status("VmHWM")}  # fmt: skip
+    if request.get("speculative") == "lookup":  # the same prompt again, drafts from prompt lookup
+        from omni_runtime.speculative import PromptLookup
+
+        spec = generate(engine, request["prompt"], config, speculative=PromptLookup())
+        stats = spec.speculation
+        out["speculative"] = {"proposer": "lookup", "decode_tok_s": spec.decode_tokens_per_second,
+                              "tokens_per_step": stats.tokens_per_step if stats else 1.0,
+                              "tokens_identical": list(spec.token_ids) == out["tokens"]}  # fmt: skip
     if request.get("ppl_ids"):
         out["perplexity"] = perplexity(engine, request["ppl_ids"], request["ppl_context"]).ppl
     return out
