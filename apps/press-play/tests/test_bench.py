@@ -116,6 +116,7 @@ def test_arguments_and_command_line():
         "distill",
         "speculative",
         "phone",
+        "build",
     ]  # every suite by default
     config = args.configs["smollm2"]
     assert config == BenchConfig() and args.out is not None and args.out.name == "BENCHMARKS.md"
@@ -180,3 +181,15 @@ def test_worker_failure_is_a_bench_error(tmp_path):
     spec = {"engine": "omnicoder", "model": str(tmp_path / "missing"), "prompt": [1, 2], "decode_tokens": 1}
     with pytest.raises(bench.BenchError, match="exited with"):
         bench.run_worker(spec, timeout_s=600)
+
+
+def test_no_module_beside_the_worker_scripts_shadows_the_standard_library():
+    # bench_onnx_worker.py runs as a plain script, so its folder comes first on sys.path: a module named
+    # like a standard one (profile.py shadowed `profile`, and torch's import of cProfile broke) breaks it.
+    import sys
+    from pathlib import Path
+
+    import press_play
+
+    folder = Path(press_play.__file__).parent
+    assert not [p.name for p in folder.glob("*.py") if p.stem in sys.stdlib_module_names]

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from press_play import cli
 from press_play.build import BuildConfig, build
-from press_play.profile import ProfileError, available_profiles, load_profile
+from press_play.build_profile import ProfileError, available_profiles, load_profile
 
 runner = CliRunner()
 
@@ -161,9 +161,11 @@ def test_a_changed_or_damaged_output_is_rebuilt(built, tiny_model_dir, tmp_path)
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 0xFF]))
+    (out / "coreml" / "manifest.json").write_text("{}")  # and an edited Core ML manifest
     report = build(BuildConfig(profile, out, str(tiny_model_dir), peer_python=""))
     status = {name: s["status"] for name, s in report["stages"].items()}
-    assert status["export-onnx"] == "built" and status["export-coreml"] == "cached"
+    assert status["export-onnx"] == "built" and status["export-coreml"] == "built"
+    assert json.loads((out / "coreml" / "manifest.json").read_text())["format"] == "omnicoder-coreml"
     # the export is deterministic: the rebuilt weights are the original bytes, so what depends on them stays
     assert (out / "onnx" / "model.onnx.data").read_bytes() == (out0 / "onnx" / "model.onnx.data").read_bytes()
     assert status["reference"] == "cached" and status["validate-onnx"] == "cached"
@@ -173,7 +175,7 @@ INTERRUPT = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     from press_play.build import BuildConfig, build
-    from press_play.profile import load_profile
+    from press_play.build_profile import load_profile
 
     def on_event(e):
         # mid-export: the graph is written under its temporary name, parity is being measured
@@ -348,3 +350,21 @@ def test_the_dashboard_renders_in_headless_chromium(built, tmp_path):
     assert count((0xE0, 0xA0, 0x30)) > 20  # the KV cache segments of the memory chart and its legend
     assert count((0xC0, 0x30, 0x30)) > 20  # the budget line
     assert count((0x5A, 0x9A, 0x5A)) > 500  # the perplexity chart's tolerance bar
+
+
+def test_bench_suite_times_the_build_and_measures_its_figures_again(tiny_model_dir, tmp_path):
+    from press_play.bench_build import BuildBenchConfig, render_build_section, run_build_bench
+
+    path = write_profile(tmp_path, coreml=False)
+    config = BuildBenchConfig.quick_config(
+        model=str(tiny_model_dir), profile=str(path), work_dir=str(tmp_path / "w")
+    )
+    rep = run_build_bench(config)
+    assert set(rep.cached_stages.values()) == {"cached"} and rep.cached_s < rep.first_s
+    assert rep.eval_ppl == pytest.approx(rep.report["formats"]["onnx"]["parity"]["perplexity"], rel=1e-5)
+    assert len(rep.separate["omnicoder-onnx"]) == 1
+    section = render_build_section(rep)
+    assert section.startswith("<!-- bench:build:start -->") and section.rstrip().endswith(
+        "<!-- bench:build:end -->"
+    )
+    assert "| `press-play build` again |" in section and "omnicoder-onnx decode tok/s @short" in section

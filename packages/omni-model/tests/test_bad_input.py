@@ -64,6 +64,15 @@ def test_valid_inputs_load(hf_folder, gguf_file):
     assert load_within(gguf_file).tokenizer.encode("the", add_special_tokens=False) == [281, 101]  # "th" "e"
 
 
+def test_load_config_reads_the_architecture_alone(hf_folder, gguf_file, tmp_path):
+    from omni_model.loader import load_config
+
+    for source in (hf_folder, gguf_file):
+        assert load_config(source) == load_within(source).config
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        load_config(tmp_path)
+
+
 def test_gguf_from_transformers_matches_logits(tmp_path):
     """A float32 GGUF written from a transformers Llama (q/k permuted as llama.cpp does) loads to the same logits."""
     ref = save_tiny("llama", tmp_path / "hf", num_key_value_heads=1)

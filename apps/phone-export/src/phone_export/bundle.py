@@ -131,7 +131,7 @@ def build_bundle(build_dir: str | Path, out: str | Path, config: BundleConfig,
             models[fmt]["verification"] = _verify(fmt, tmp, models[fmt], reference, config, quantized, lm)
             budget = MemoryBudget(f"{PATHS[fmt]} ({models[fmt]['weights']})", config.budget_bytes,
                                   models[fmt]["weights_bytes"], kv_per_token if fmt == "ort" else models[fmt]["kv_bytes_per_token"],
-                                  context, *_overhead(models[fmt], context))  # fmt: skip
+                                  context, *_overhead(models[fmt]))  # fmt: skip
             models[fmt]["budget"] = budget.as_dict()
         report("checking", steps - 2, steps)
         failed = [
@@ -276,7 +276,8 @@ def _verify(fmt: str, tmp: Path, model: dict[str, Any], reference: dict[str, Any
     result = {"ran": True, "how": f"{RUNTIMES[fmt]} on this host, {config.threads} threads",
               "tokens_identical": same, "first_difference": first, "generated": len(got["tokens"]),
               "decode_tok_s": got["decode_tok_s"], "prefill_tok_s": got["prefill_tok_s"],
-              "peak_rss": got["peak_rss"], "baseline_rss": got["baseline_rss"]}  # fmt: skip
+              "peak_rss": got["peak_rss"], "baseline_rss": got["baseline_rss"],
+              "tokens_held": got["tokens_held"]}  # fmt: skip
     if quantized:
         delta = got["perplexity"] / reference["perplexity"] - 1
         passed = abs(delta) <= config.ppl_tolerance
@@ -290,14 +291,15 @@ def _verify(fmt: str, tmp: Path, model: dict[str, Any], reference: dict[str, Any
     return result
 
 
-def _overhead(model: dict[str, Any], context: int) -> tuple[int, bool]:
-    """Runtime overhead measured by the host run: the peak resident bytes the model added, less its
-    weights and the cache (both engines hold the cache for the whole context from the start)."""
+def _overhead(model: dict[str, Any]) -> tuple[int, bool]:
+    """Runtime overhead measured by the host run (omni_export.budget.runtime_overhead)."""
+    from omni_export.budget import runtime_overhead
+
     v = model.get("verification", {})
     if not v.get("ran") or "peak_rss" not in v:
         return 0, False
-    added = v["peak_rss"] - v["baseline_rss"]
-    return max(0, added - model["weights_bytes"] - model["kv_bytes_per_token"] * context), True
+    return runtime_overhead(v["peak_rss"] - v["baseline_rss"], model["weights_bytes"], model["kv_bytes_per_token"],
+                            v["tokens_held"]), True  # fmt: skip
 
 
 def read_bundle(folder: str | Path) -> dict[str, Any]:

@@ -366,6 +366,7 @@ def smollm2_config(a: argparse.Namespace) -> BenchConfig:
 def suites() -> dict[str, Suite]:
     """Every suite `just bench` runs, in order; a new one is one more entry."""
     from press_play import (
+        bench_build,
         bench_kv,
         bench_mla,
         bench_moe,
@@ -431,6 +432,13 @@ def suites() -> dict[str, Suite]:
         cls = bench_phone.PhoneBenchConfig
         return cls.quick_config(**given) if a.quick else cls(**given)
 
+    def build_config(a: argparse.Namespace) -> bench_build.BuildBenchConfig:
+        given = {k: getattr(a, k) for k in ("model", "rounds", "threads") if getattr(a, k) is not None}
+        if a.peer_python is not None:
+            given["peer_python"] = a.peer_python
+        cls = bench_build.BuildBenchConfig
+        return cls.quick_config(**given) if a.quick else cls(**given)
+
     return {
         "smollm2": Suite(SECTION, smollm2_config, run_bench, render_section),
         "moe": Suite(bench_moe.SECTION, moe_config, bench_moe.run_moe_bench, bench_moe.render_moe_section),
@@ -462,6 +470,9 @@ def suites() -> dict[str, Suite]:
         ),
         "phone": Suite(
             bench_phone.SECTION, phone_config, bench_phone.run_phone_bench, bench_phone.render_phone_section
+        ),
+        "build": Suite(
+            bench_build.SECTION, build_config, bench_build.run_build_bench, bench_build.render_build_section
         ),
     }
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from omni_model.errors import OmniError
 from omni_model.zoo import DEFAULT_MODEL
+from press_play.build_profile import QUANTIZED, FormatSpec, Profile
 from press_play.build_store import (
     BuildError,
     Event,
@@ -45,7 +46,6 @@ from press_play.build_store import (
     write_atomic,
 )
 from press_play.common import installed_versions
-from press_play.profile import QUANTIZED, FormatSpec, Profile
 
 REPORT_FORMAT, REPORT_VERSION = "omnicoder-build", 1
 TEXT = "hamlet"
@@ -64,14 +64,37 @@ class BuildConfig:
     allow_fail: tuple[str, ...] = ()  # check names: FORMAT.parity, FORMAT.budget, parity, budget
     threads: int = 2
     peer_python: str | None = None  # llama.cpp's environment; None: .venv-peers/bin/python if present
-    # the omni-* packages' and apps' versions: part of every stage's key, so new code rebuilds
-    versions: dict[str, str] = field(default_factory=lambda: dict(installed_versions()))
+    # the omni-* packages' versions and a hash of their code: part of every stage's key, so new code rebuilds
+    versions: dict[str, str] = field(
+        default_factory=lambda: dict(installed_versions()) | {"code": code_digest()}
+    )
 
     def __post_init__(self) -> None:
         known = set(CHECKS) | {f"{f}.{c}" for f in self.profile.formats for c in CHECKS}
         for name in self.allow_fail:
             if name not in known:
                 raise BuildError(f"--allow-fail {name}: no such check (checks: {', '.join(sorted(known))})")
+
+
+CODE = ("omni_kernels", "omni_kv", "omni_model", "omni_export", "omni_runtime", "press_play")
+
+
+def code_digest() -> str:
+    """sha256 over the Python sources of the packages a build runs (a version number does not change
+    while a package is developed; its code does)."""
+    import hashlib
+    import importlib.util
+
+    h = hashlib.sha256()
+    for name in CODE:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            continue
+        root = Path(spec.origin).parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 @contextmanager
@@ -109,6 +132,12 @@ class _Model:
 
     def __init__(self, source: str) -> None:
         self.source, self._lm = source, None
+
+    def release(self) -> None:
+        import gc
+
+        self._lm = None
+        gc.collect()
 
     def get(self):
         if self._lm is None:
@@ -163,12 +192,12 @@ def build(config: BuildConfig, on_event: OnEvent | None = None) -> dict[str, Any
         raise BuildError(f"{out}: is a file, not a folder (choose another --out)")
     t_start = time.perf_counter()
     # 1. resolve: bad input stops the build here, before anything is written
-    from omni_model.loader import resolve_source
+    from omni_model.loader import load_config, resolve_source
 
     path = resolve_source(config.model)
     source = {"model": config.model, "path": str(path.resolve()), "sha256": _source_digest(path)}
-    model = _Model(config.model)
-    cfg = _model_config(model)
+    model = _Model(config.model)  # loaded only when a stage that needs it runs
+    cfg = load_config(config.model)
     if profile.context > cfg.max_seq_len:
         raise BuildError(f"{profile.path}: context {profile.context} exceeds what {config.model} serves "
                          f"({cfg.max_seq_len} tokens)")  # fmt: skip
@@ -203,6 +232,7 @@ def build(config: BuildConfig, on_event: OnEvent | None = None) -> dict[str, Any
         # 5. bench (only a build whose checks passed is worth timing)
         peers: dict[str, Any] = {}
         if not failed:
+            model.release()  # the timed processes get the machine's memory and caches to themselves
             for fmt in _benched(profile):
                 formats[fmt]["bench"] = store.run(f"bench-{fmt}", keys.bench(f"export-{fmt}"), lambda progress, fmt=fmt: _bench(
                     BENCH_ENGINES[fmt], sys.executable, str(out / fmt), profile, reference, config.threads, progress))  # fmt: skip
@@ -239,10 +269,6 @@ def build(config: BuildConfig, on_event: OnEvent | None = None) -> dict[str, Any
     return report
 
 
-def _model_config(model: _Model) -> Any:
-    return model.get().config
-
-
 def _exporter(fmt: str, spec: FormatSpec, profile: Profile, config: BuildConfig, model: _Model, out: Path):
     def make(progress) -> dict[str, Any]:
         if fmt == "onnx":
@@ -262,14 +288,15 @@ def _exporter(fmt: str, spec: FormatSpec, profile: Profile, config: BuildConfig,
 
         cm = CoreMLConfig(weights=spec.weights, block_size=spec.block_size, max_seq_len=profile.context)  # type: ignore[arg-type]
         lm = model.get()
-        with writing_dir(
-            out / fmt, marker="model.mlpackage", what="a Core ML build", error=BuildError
-        ) as tmp:
+        with writing_dir(out / fmt, marker="manifest.json", what="a Core ML build", error=BuildError) as tmp:
             summary = export_coreml(lm, tmp / "model.mlpackage", cm, progress)
             structure = validate_coreml(tmp / "model.mlpackage", lm.config, cm)
-        size = sum(f.stat().st_size for f in (out / fmt).rglob("*") if f.is_file())
-        return {"format": "omnicoder-coreml", "weights": spec.weights, "file_bytes": size, "summary": summary,
-                "structure": structure, "max_seq_len": min(profile.context, lm.config.max_seq_len)}  # fmt: skip
+            size = sum(f.stat().st_size for f in (tmp / "model.mlpackage").rglob("*") if f.is_file())
+            manifest = {"format": "omnicoder-coreml", "package": "model.mlpackage", "source": str(config.model),
+                        "weights": spec.weights, "file_bytes": size, "max_seq_len": min(profile.context, lm.config.max_seq_len),
+                        "summary": summary, "structure": structure}  # fmt: skip
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
+        return manifest
 
     return make
 
@@ -293,7 +320,8 @@ def _reference(model: _Model, profile: Profile, progress) -> dict[str, Any]:
     ids = _text_ids(lm)
     if len(ids) < v.ppl_tokens:
         raise BuildError(f"{TEXT}: {len(ids)} tokens, fewer than validate.ppl_tokens = {v.ppl_tokens}")
-    prompt = ids[: max(1, min(32, profile.context - v.greedy_tokens - 1))]
+    # A prompt as long as an app's (up to 512 tokens): the host runs' peak memory then includes its prefill.
+    prompt = ids[: max(1, min(512, profile.context - v.greedy_tokens - 1))]
     engine = TorchEngine(lm)
     progress("greedy tokens", 0, 2)
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=v.greedy_tokens, stop_token_ids=frozenset())
@@ -330,6 +358,7 @@ def _validate(fmt: str, profile: Profile, manifest: dict[str, Any], reference: d
     return {"ran": True, "how": f"{RUNTIMES[fmt]} on this host, {threads} threads",
             "tokens_identical": got["tokens"] == reference["tokens"], "first_difference": first,
             "perplexity": got["perplexity"], "peak_rss": got["peak_rss"], "baseline_rss": got["baseline_rss"],
+            "tokens_held": got["tokens_held"],
             "decode_tok_s": got["decode_tok_s"], "prefill_tok_s": got["prefill_tok_s"]}  # fmt: skip
 
 
@@ -341,7 +370,7 @@ def _structure_summary(structure: dict[str, Any]) -> dict[str, Any]:
 def _format_report(fmt: str, profile: Profile, manifest: dict[str, Any], val: dict[str, Any],
                    reference: dict[str, Any], cfg: Any, out: Path) -> dict[str, Any]:  # fmt: skip
     """A format's figures and its two checks (parity, budget)."""
-    from omni_export.budget import MemoryBudget
+    from omni_export.budget import MemoryBudget, runtime_overhead
 
     spec = profile.formats[fmt]
     v = profile.validate
@@ -373,7 +402,9 @@ def _format_report(fmt: str, profile: Profile, manifest: dict[str, Any], val: di
     kv = _kv_per_token(fmt, manifest, cfg)
     overhead, measured = 0, False
     if val.get("ran") and "peak_rss" in val:
-        overhead = max(0, val["peak_rss"] - val["baseline_rss"] - weights_bytes - kv * profile.context)
+        overhead = runtime_overhead(
+            val["peak_rss"] - val["baseline_rss"], weights_bytes, kv, val["tokens_held"]
+        )
         measured = True
     budget = MemoryBudget(f"{fmt}/ ({spec.weights})", profile.budget_bytes, weights_bytes, kv, profile.context,
                           overhead, measured)  # fmt: skip

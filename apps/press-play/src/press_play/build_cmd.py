@@ -15,9 +15,9 @@ from rich.table import Table
 
 from omni_export.budget import mb
 from omni_model.zoo import DEFAULT_MODEL
+from press_play.build_profile import DEFAULT_PROFILE, available_profiles
 from press_play.build_store import Event
 from press_play.common import err, out, reporting_errors, settings
-from press_play.profile import DEFAULT_PROFILE, available_profiles
 
 STATE_WORDS = {"cached": "[cyan]cached[/cyan]", "done": "[green]built[/green]", "failed": "[red]failed[/red]"}
 
@@ -113,7 +113,7 @@ def run_build(model: str = DEFAULT_MODEL, profile: str = DEFAULT_PROFILE, out_di
               peer_python: str | None = None) -> None:  # fmt: skip
     from press_play.build import BuildConfig, output_dir
     from press_play.build import build as run
-    from press_play.profile import load_profile
+    from press_play.build_profile import load_profile
 
     prof = load_profile(profile)
     folder = out_dir or output_dir(model, prof.name)

@@ -67,3 +67,11 @@ class MemoryBudget:
             )
         if not self.fits:
             raise BudgetError(f"does not fit: {self.describe()}; lower the context or use smaller weights")
+
+
+def runtime_overhead(peak_added: int, weights_bytes: int, kv_bytes_per_token: int, tokens_held: int) -> int:
+    """The runtime's own memory from a measured run: the resident bytes the run added at its peak, less
+    the weights and the cache of the tokens it held. Runtimes allocate the whole cache up front but the
+    pages of positions never written stay untouched (not resident), so only the used part is taken off;
+    the budget then adds the cache at the full context on top."""
+    return max(0, peak_added - weights_bytes - kv_bytes_per_token * tokens_held)

@@ -71,6 +71,24 @@ def resolve_source(source: str | Path) -> Path:
     raise CheckpointError(f"{source}: no such file or folder")
 
 
+def load_config(source: str | Path) -> ModelConfig:
+    """Only the architecture of a source (no weights are read): what a plan or a cache check needs."""
+    path = resolve_source(source)
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            return read_config(path)[0]
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{path}: no config.json")
+        try:
+            return config_from_hf(read_json(cfg_path))
+        except (ConfigError, CheckpointError) as e:
+            raise type(e)(f"{cfg_path}: {e}") from None
+    if is_gguf(path):
+        return config_from_gguf(read_gguf(path))
+    raise CheckpointError(f"{path}: neither a GGUF file nor a folder with config.json and safetensors")
+
+
 def load_tokenizer(source: str | Path) -> Tokenizer:
     """Only the tokenizer of a source (no weights are read)."""
     path = resolve_source(source)

@@ -7,8 +7,8 @@ format "onnx" (a folder of `press-play export` or its ORT-format twin, run by `O
 `context` tokens) or "executorch" (a folder with a .pte; its cache length was fixed at export). The
 answer holds the greedy tokens after the prompt, prefill and decode tokens/s, the perplexity of
 `ppl_ids` in non-overlapping `ppl_context` windows when given, and memory: the process's resident bytes
-once the runtime library is imported (before the model is opened) and its peak (VmHWM) after the
-generation (before perplexity is scored, whose all-position logits an app never holds). With
+once the runtime library is imported (before the model is opened), its peak (VmHWM) after the
+generation and the tokens the cache held then (before perplexity is scored, whose all-position logits an app never holds). With
 "speculative": "lookup" the prompt is generated from again with prompt-lookup drafts, and the answer
 adds that run's decode tokens/s, tokens per verification step and whether its tokens are the same.
 A process of its own so that the peak is this runtime's alone.
@@ -63,7 +63,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     result = generate(engine, request["prompt"], config)
     out = {"tokens": list(result.token_ids), "load_s": load_s, "prefill_tok_s": result.prefill_tokens_per_second,
            "decode_tok_s": result.decode_tokens_per_second, "baseline_rss": baseline,
-           "peak_rss": _status("VmHWM")}  # fmt: skip
+           "peak_rss": _status("VmHWM"), "tokens_held": len(request["prompt"]) + len(result.token_ids)}  # fmt: skip
     if request.get("speculative") == "lookup":  # the same prompt again, drafts from prompt lookup
         from omni_runtime.speculative import PromptLookup
 
