@@ -58,8 +58,6 @@ class _Display:
             self.bar.stop_task(task)
             if not self.live:  # a log or CI: one plain line per finished stage
                 err.print(f"{e.stage:<16} {words}", soft_wrap=True)
-        elif e.state == "done" or e.state == "start":
-            pass
 
 
 def build(
