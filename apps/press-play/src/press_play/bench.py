@@ -21,7 +21,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_model.errors import DataError, OmniError
+from omni_model.files import write_text_atomic
 from omni_model.zoo import DEFAULT_MODEL
 
 ENGINES = ("omnicoder", "transformers")
@@ -322,26 +322,12 @@ def write_section(path: Path, section: str, name: str) -> None:
     """Rewrite section `name` of `path`, keeping the rest; atomic (temp file + os.replace)."""
     path = Path(path)
     existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    atomic_write(path, replace_section(existing, section, name))
+    write_text_atomic(path, replace_section(existing, section, name))
 
 
 def write_markdown(report: BenchReport, path: Path) -> None:
     """Rewrite the SmolLM2 section of `path`, keeping the rest."""
     write_section(path, render_section(report), SECTION)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp makes the file 0600; give it the mode the old file had, or a plain file's.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------- main

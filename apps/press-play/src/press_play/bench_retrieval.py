@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from omni_model.corpus import default_cache_dir, shakespeare_dir
+from omni_model.files import file_sha256
 from omni_model.zoo import DEFAULT_MODEL
 
 SECTION = "retrieval"
@@ -103,18 +104,10 @@ def plays() -> dict[str, Path]:
     return {n: folder / f"{n}_gut.txt" for n in names if n not in POEMS}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @functools.cache
 def _model_key(src: Path) -> str:
     """The model file's sha256 (a folder: its path), hashed once per process, not once per play."""
-    return _sha256(src)[:16] if src.is_file() else hashlib.sha256(str(src).encode()).hexdigest()[:16]
+    return file_sha256(src)[:16] if src.is_file() else hashlib.sha256(str(src).encode()).hexdigest()[:16]
 
 
 def play_states(lm, name: str, path: Path, context: int, limit: int | None = None,
@@ -127,11 +120,11 @@ def play_states(lm, name: str, path: Path, context: int, limit: int | None = Non
 
     src = Path(lm.source)
     folder = (cache_root or default_cache_dir().parent / "bench") / "knnlm-states" / _model_key(src)
-    stem = folder / (f"{name}-{_sha256(path)[:16]}-c{context}" + ("" if limit is None else f"-n{limit}"))
+    stem = folder / (f"{name}-{file_sha256(path)[:16]}-c{context}" + ("" if limit is None else f"-n{limit}"))
     files = {k: stem.with_suffix(f".{k}.npy") for k in ("keys", "values")}
     try:
         sums = json.loads(stem.with_suffix(".json").read_text())["sha256"]
-        if all(_sha256(f) == sums[k] for k, f in files.items()):
+        if all(file_sha256(f) == sums[k] for k, f in files.items()):
             keys = np.load(files["keys"], allow_pickle=False).astype(np.float32)
             return keys, np.load(files["values"], allow_pickle=False)
     except (OSError, ValueError, KeyError, TypeError):
@@ -145,7 +138,7 @@ def play_states(lm, name: str, path: Path, context: int, limit: int | None = Non
         tmp = files[k].with_name(files[k].name + ".tmp.npy")
         np.save(tmp, arr)
         tmp.replace(files[k])
-        sums[k] = _sha256(files[k])
+        sums[k] = file_sha256(files[k])
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"sha256": sums, "tokens": int(values.size)}))
     tmp.replace(stem.with_suffix(".json"))

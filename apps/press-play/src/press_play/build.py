@@ -33,18 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from omni_model.errors import OmniError
+from omni_model.files import file_sha256, write_text_atomic
 from omni_model.zoo import DEFAULT_MODEL
 from press_play.build_profile import QUANTIZED, FormatSpec, Profile
-from press_play.build_store import (
-    BuildError,
-    Event,
-    OnEvent,
-    Store,
-    digest,
-    file_sha256,
-    remove_leftovers,
-    write_atomic,
-)
+from press_play.build_store import BuildError, Event, OnEvent, Store, digest, remove_leftovers
 from press_play.common import installed_versions
 
 REPORT_FORMAT, REPORT_VERSION = "omnicoder-build", 1
@@ -567,9 +559,9 @@ def _plan(config: BuildConfig, store: Store, keys: _Inputs, model: _Model) -> di
 def _write_report(out: Path, report: dict[str, Any]) -> None:
     from press_play.build_report import render_dashboard, render_markdown
 
-    write_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
-    write_atomic(out / "report.md", render_markdown(report))
-    write_atomic(out / "dashboard.html", render_dashboard(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
+    write_text_atomic(out / "report.md", render_markdown(report))
+    write_text_atomic(out / "dashboard.html", render_dashboard(report))
 
 
 __all__ = ["BuildConfig", "BuildError", "OmniError", "build", "output_dir"]

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_model.errors import OmniError
-from omni_model.files import read_json
+from omni_model.files import file_sha256, read_json, write_text_atomic
 
 RECORDS = "stages"
 RECORD_FORMAT = "omnicoder-build-stage"
@@ -51,28 +49,6 @@ Progress = Callable[[str, int, int], None]
 
 def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `path` under a temporary name in its folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _files(root: Path, outputs: Iterable[str]) -> list[str]:
@@ -172,7 +148,7 @@ class Store:
         record = {"format": RECORD_FORMAT, "stage": name, "key": key, "inputs": inputs, "result": result,
                   "files": files, "seconds": round(seconds, 3),
                   "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}  # fmt: skip
-        write_atomic(self._record_path(name), json.dumps(record, indent=1, default=str))
+        write_text_atomic(self._record_path(name), json.dumps(record, indent=1, default=str))
         self._fingerprints[name] = digest([key, files])
         self.status[name] = {"status": "built", "seconds": round(seconds, 3)}
         self.emit(Event(name, "done", seconds=seconds))

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from omni_model.corpus import shakespeare_dir
 from omni_model.errors import OmniError
-from omni_model.files import replace_dir
+from omni_model.files import file_sha256, replace_dir
 from omni_model.tokenizer import Tokenizer
 from omni_train.errors import TrainError
 
@@ -88,7 +88,7 @@ class TokenDataset:
         shas = []
         for i, f in enumerate(files):
             report("hashing", i, len(files))
-            shas.append(_sha256(f))
+            shas.append(file_sha256(f))
         tok_sha, eos = tokenizer_sha256(tokenizer), tokenizer.eos_token_id
         key = _digest({"version": VERSION, "documents": shas, "tokenizer": tok_sha, "eos": eos,
                        "val_fraction": val_fraction, "seed": seed})  # fmt: skip
@@ -134,7 +134,7 @@ class TokenDataset:
                     f"{path}: {'missing' if size is None else f'{size} bytes'}; the manifest says {n} "
                     f"{m['dtype']} tokens ({n * dtype.itemsize} bytes): rebuild the dataset"
                 )
-            if verify and _sha256(path) != m[side]["sha256"]:
+            if verify and file_sha256(path) != m[side]["sha256"]:
                 raise TrainError(f"{path}: sha256 differs from the manifest (corrupt): rebuild the dataset")
             arrays[side] = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
         return cls(folder, m, arrays["train"], arrays["val"])
@@ -390,11 +390,3 @@ def _int(d: dict, key: str, path: Path, lo: int, hi: int) -> int:
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

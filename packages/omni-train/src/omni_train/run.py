@@ -176,11 +176,9 @@ def source_sha256(source: str) -> str | None:
     path = resolve_source(source)
     if not path.is_file():
         return None
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    from omni_model.files import file_sha256
+
+    return file_sha256(path)
 
 
 def _save(model: torch.nn.Module, base: LoadedModel, out: Path, meta: dict[str, Any]) -> None:
