@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_model.zoo import DEFAULT_MODEL
-from press_play.bench_onnx import OnnxBenchError, _peer_python, run_worker
+from press_play.bench_onnx import OnnxBenchError, peer_python, run_worker
 
 SECTION = "build"
 Progress = Callable[[str, int, int], None]
@@ -76,7 +76,7 @@ def run_build_bench(config: BuildBenchConfig, on_progress: Progress | None = Non
     out = (
         Path(config.work_dir) if config.work_dir else Path.home() / ".cache" / "omnicoder" / "bench" / "build"
     )
-    peers = _peer_python(config)  # type: ignore[arg-type]  (it reads .peer_python only)
+    peers = peer_python(config.peer_python)
     build = ["build", config.model, "--profile", config.profile, "--out", str(out), "--json",
              "--peer-python", peers or ""]  # fmt: skip
     total = 3 + config.rounds * (2 if peers else 1)

@@ -97,10 +97,12 @@ def _work_dir(config: OnnxBenchConfig) -> Path:
     return Path(config.work_dir) if config.work_dir else Path.home() / ".cache" / "omnicoder" / "bench"
 
 
-def _peer_python(config: OnnxBenchConfig) -> str | None:
-    if config.peer_python == "":
+def peer_python(given: str | None) -> str | None:
+    """The benchmark-only peer environment's Python: `given`, or .venv-peers/bin/python when None; None
+    when it is "" or no such file exists."""
+    if given == "":
         return None
-    candidate = config.peer_python or str(Path(".venv-peers") / "bin" / "python")
+    candidate = given or str(Path(".venv-peers") / "bin" / "python")
     return candidate if Path(candidate).is_file() else None
 
 
@@ -222,7 +224,7 @@ def run_onnx_bench(config: OnnxBenchConfig, on_progress: Progress | None = None)
     from press_play.bench import machine_info
 
     report = on_progress or (lambda what, done, total: None)
-    peers = _peer_python(config)
+    peers = peer_python(config.peer_python)
     paths = prepare(config, peers, report)
     result = OnnxReport(config, machine_info(config.threads))
     result.peers_note = "" if peers else "peers not measured: no benchmark-only peer environment (see README)"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_model.zoo import DEFAULT_MODEL
-from press_play.bench_onnx import OnnxBenchError, _peer_python, run_worker
+from press_play.bench_onnx import OnnxBenchError, peer_python, run_worker
 
 SECTION = "phone"
 Progress = Callable[[str, int, int], None]
@@ -167,7 +167,7 @@ def run_phone_bench(config: PhoneBenchConfig, on_progress: Progress | None = Non
     from press_play.common import read_text
 
     report = on_progress or (lambda what, done, total: None)
-    peers = _peer_python(config)  # type: ignore[arg-type]
+    peers = peer_python(config.peer_python)
     rep = PhoneReport(config, machine_info(config.threads))
     rep.peers_note = (
         "" if peers else "llama.cpp not measured: no benchmark-only peer environment (see README)"

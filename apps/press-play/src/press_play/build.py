@@ -227,8 +227,10 @@ def build(config: BuildConfig, on_event: OnEvent | None = None) -> dict[str, Any
             model.release()  # the timed processes get the machine's memory and caches to themselves
             for fmt in _benched(profile):
                 formats[fmt]["bench"] = store.run(f"bench-{fmt}", keys.bench(f"export-{fmt}"), lambda progress, fmt=fmt: _bench(
-                    BENCH_ENGINES[fmt], sys.executable, str(out / fmt), profile, reference, config.threads, progress))  # fmt: skip
-            peer = _peer_python(config.peer_python)
+                    BENCH_ENGINES[fmt], sys.executable, str(out / fmt), profile, reference, config.threads, progress, fmt))  # fmt: skip
+            from press_play.bench_onnx import peer_python
+
+            peer = peer_python(config.peer_python)
             if path.suffix == ".gguf" and peer and profile.bench.llama_cpp:
                 peers["llama.cpp"] = store.run("bench-llama.cpp", keys.bench(None), lambda progress: _bench(
                     "llama.cpp", peer, str(path.resolve()), profile, reference, config.threads, progress))  # fmt: skip
@@ -422,17 +424,11 @@ def _checks(formats: dict[str, dict[str, Any]], allow_fail: tuple[str, ...]) -> 
     return checks
 
 
-def _peer_python(given: str | None) -> str | None:
-    if given == "":
-        return None
-    candidate = Path(given) if given else Path(".venv-peers") / "bin" / "python"
-    return str(candidate) if candidate.is_file() else None
-
-
 def _bench(engine: str, python: str, path: str, profile: Profile, reference: dict[str, Any], threads: int,
-           progress) -> dict[str, Any]:  # fmt: skip
+           progress, fmt: str | None = None) -> dict[str, Any]:  # fmt: skip
     """`rounds` fresh processes of bench_onnx_worker's speed protocol (as `just bench --suite onnx`), and
-    for our formats the profile's speculative proposer against plain decoding; medians."""
+    for our formats (`fmt`, as host_run names it) the profile's speculative proposer against plain
+    decoding; medians."""
     from press_play.bench_onnx import run_worker
 
     b = profile.bench
@@ -445,7 +441,7 @@ def _bench(engine: str, python: str, path: str, profile: Profile, reference: dic
     spec = {"engine": engine, "path": path, "threads": threads, "n_ctx": b.prompt_tokens + b.decode_tokens + 8,
             "prompt_ids": ids[: b.prompt_tokens], "short_ids": ids[: b.short_tokens],
             "decode_tokens": b.decode_tokens, "measure": "speed"}  # fmt: skip
-    speculate = profile.speculative != "none" and engine in BENCH_ENGINES.values()
+    speculate = profile.speculative != "none" and fmt is not None
     steps = b.rounds * (2 if speculate else 1)
     runs, spec_runs = [], []
     for r in range(b.rounds):
@@ -454,7 +450,6 @@ def _bench(engine: str, python: str, path: str, profile: Profile, reference: dic
         if speculate:
             from omni_runtime.host_run import host_run
 
-            fmt = next(f for f, e in BENCH_ENGINES.items() if e == engine)
             progress(
                 f"{profile.speculative} speculation, round {r + 1}/{b.rounds}",
                 len(runs) + len(spec_runs),

@@ -4,7 +4,6 @@ and a summary table; `--json` prints the report instead, `--dry-run` the plan.""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,7 +30,6 @@ class _Display:
                             TextColumn("{task.description}"), BarColumn(bar_width=24), TimeElapsedColumn(),
                             console=err, disable=not (enabled and self.live))  # fmt: skip
         self.tasks: dict[str, Any] = {}
-        self.started: dict[str, float] = {}
 
     def __enter__(self) -> _Display:
         self.bar.__enter__()
@@ -45,15 +43,12 @@ class _Display:
             return
         if e.stage not in self.tasks:
             self.tasks[e.stage] = self.bar.add_task("", total=None, stage=e.stage)
-            self.started[e.stage] = time.perf_counter()
         task = self.tasks[e.stage]
         if e.state == "progress":
             self.bar.update(task, description=escape(e.detail), completed=e.done, total=e.total or None)
         elif e.state in STATE_WORDS:
-            took = e.seconds if e.state != "cached" else time.perf_counter() - self.started[e.stage]
-            words = f"{STATE_WORDS[e.state]} ({took:.1f}s)"
-            if e.state == "cached":
-                words = f"{STATE_WORDS['cached']} (built in {e.seconds:.1f}s)"
+            took = f"built in {e.seconds:.1f}s" if e.state == "cached" else f"{e.seconds:.1f}s"
+            words = f"{STATE_WORDS[e.state]} ({took})"
             self.bar.update(task, description=words, completed=1, total=1)
             self.bar.stop_task(task)
             if not self.live:  # a log or CI: one plain line per finished stage
