@@ -15,9 +15,6 @@ from safetensors.torch import load_file, save_file
 
 from omni_media.audio import (
     MelConfig,
-    WhisperEncoder,
-    WhisperEncoderConfig,
-    load_whisper_encoder,
     log_mel,
     log_mel_batch,
     mel_filters,
@@ -25,6 +22,7 @@ from omni_media.audio import (
     resample,
 )
 from omni_media.errors import MediaError
+from omni_media.whisper import WhisperEncoder, WhisperEncoderConfig, load_whisper_encoder
 
 SR = 16000
 TOL = 1e-4

@@ -101,18 +101,14 @@ def load_mnist(cache_dir: Path | None = None, on_progress: Callable[[str], None]
 class _ArrayUnpickler(pickle.Unpickler):
     """Builds numpy arrays, dtypes and the tuples around them; any other global is refused."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): lambda cls, shape, dtype: _reconstruct(cls, shape, dtype),
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
-
     def __init__(self, file: io.BufferedIOBase) -> None:
         super().__init__(file, encoding="latin1")  # written by Python 2
 
     def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            return self._ALLOWED[(module, name)]
+        allowed = {("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy", "ndarray"): np.ndarray,
+                   ("numpy", "dtype"): np.dtype}  # fmt: skip
+        if (module, name) in allowed:
+            return allowed[(module, name)]
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
 
 

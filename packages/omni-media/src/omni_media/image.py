@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 
 from omni_media.errors import MediaError
+
+if TYPE_CHECKING:
+    import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -86,7 +88,7 @@ class ImageProcessor:
         top, left = (new_h - self.crop) // 2, (new_w - self.crop) // 2
         return image.crop((left, top, left + self.crop, top + self.crop))
 
-    def pixels(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+    def pixels(self, image: Image.Image | np.ndarray) -> np.ndarray:
         """One image -> (3, H, W) float32, normalised."""
         if isinstance(image, np.ndarray):
             if (
@@ -102,12 +104,18 @@ class ImageProcessor:
             raise MediaError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
         x = np.asarray(self.resize(to_rgb(image)), dtype=np.float32) * np.float32(self.rescale)  # (H, W, 3)
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, H, W)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)
 
-    def __call__(self, images: Image.Image | np.ndarray | list[Image.Image | np.ndarray]) -> torch.Tensor:
-        """An image or a list of them -> (B, 3, H, W) float32."""
+    def array(self, images: Image.Image | np.ndarray | list[Image.Image | np.ndarray]) -> np.ndarray:
+        """An image or a list of them -> (B, 3, H, W) float32 in numpy (what ONNX Runtime takes)."""
         if not isinstance(images, list):
             images = [images]
         if not images:
             raise MediaError("no images given")
-        return torch.stack([self.pixels(im) for im in images])
+        return np.stack([self.pixels(im) for im in images])
+
+    def __call__(self, images: Image.Image | np.ndarray | list[Image.Image | np.ndarray]) -> torch.Tensor:
+        """An image or a list of them -> (B, 3, H, W) float32 tensor."""
+        import torch  # only here: the processor itself is numpy and PIL, for the torch-free runtime
+
+        return torch.from_numpy(self.array(images))
