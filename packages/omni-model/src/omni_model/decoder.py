@@ -108,12 +108,18 @@ class Decoder(nn.Module):
         return self.logits(self.hidden_states(input_ids, cache), last_only)
 
     def hidden_states(
-        self, input_ids: Tensor, cache: KVCache | None = None, tree: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        cache: KVCache | None = None,
+        tree: Tensor | None = None,
+        embeds: Tensor | None = None,
     ) -> Tensor:
         """Final-normed hidden states (B, T, D). `tree` (T,) int: the new tokens form a tree instead of a
         sequence (speculative decoding's candidates): tree[0] = -1 is the root, at the next position;
         tree[i] < i is token i's parent. Each token sits one position after its parent and attends to
-        the cache and its ancestors only, so every root-to-leaf path computes what that sequence would."""
+        the cache and its ancestors only, so every root-to-leaf path computes what that sequence would.
+        `embeds` (B, T, D): the input embeddings to use instead of looking up `input_ids` (multimodal
+        inputs, where media features replace placeholder tokens; see omni_model.multimodal)."""
         t = input_ids.shape[1]
         start = cache.seq_len if cache is not None else 0
         if tree is None:
@@ -121,7 +127,7 @@ class Decoder(nn.Module):
             masks = self._masks(start, t, input_ids.device, cache.kv_length(t) if cache is not None else t)
         else:
             cos, sin, masks = self._tree(tree, start, t, cache, input_ids.device)
-        x = self.embed_tokens(input_ids)  # (B, T, D)
+        x = self.embed_tokens(input_ids) if embeds is None else embeds  # (B, T, D)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, masks[self._windows[i]])
         if cache is not None:
