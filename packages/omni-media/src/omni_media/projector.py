@@ -74,5 +74,7 @@ class Projector(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         r = self.config.merge
         if r > 1:
-            features = pixel_shuffle(features, r) if self.config.kind == "image" else stack_frames(features, r)
+            features = (
+                pixel_shuffle(features, r) if self.config.kind == "image" else stack_frames(features, r)
+            )
         return self.fc2(self.act(self.fc1(features)))
