@@ -1,0 +1,202 @@
+"""Media encoders and decoders to ONNX: one graph per component, a manifest, parity checked on export.
+
+Unlike the decoder (built node by node in onnx_decoder.py, for the KV cache's contrib ops), these
+are plain feed-forward graphs, so torch's own exporter (`torch.onnx.export(dynamo=True)`, torch.export
+underneath) writes them. A `MediaGraph` names a module, example inputs and the axes left dynamic;
+`export_media` writes each as `NAME.onnx` into a folder with `media.json` (file sha256s, inputs and
+outputs, the preprocessing the runtime must apply), runs every graph in ONNX Runtime on its example
+inputs and refuses to finish unless the outputs match the module's within `tol`.
+omni_runtime.media reads the folder without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from omni_export.errors import ExportError
+from omni_media.audio import MelConfig
+from omni_media.image import ImageProcessor
+from omni_media.projector import Projector
+from omni_media.vision import VisionEncoder
+from omni_media.whisper import WhisperEncoder
+from omni_model.files import file_sha256, write_text_atomic, writing_dir
+
+FORMAT = "omnicoder-media"
+MANIFEST = "media.json"
+OPSET = 18
+
+
+@dataclass
+class MediaGraph:
+    """One exportable component: `module(*inputs.values())` returns the outputs named in `outputs`."""
+
+    name: str  # the file is NAME.onnx; also the key the runtime looks it up by
+    module: nn.Module
+    inputs: dict[str, Tensor]  # example inputs, in the module's argument order
+    outputs: tuple[str, ...]
+    dynamic: dict[str, dict[int, str]] = field(default_factory=dict)  # input -> {axis: name}
+    meta: dict[str, Any] = field(default_factory=dict)  # for the runtime: preprocessing, vocab, rates
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ExportError(f"graph name must be an identifier (it becomes a file name), got {self.name!r}")
+        for k in self.dynamic:
+            if k not in self.inputs:
+                raise ExportError(f"{self.name}: dynamic axes given for {k!r}, which is not an input")
+
+
+class _Outputs(nn.Module):
+    """Turns a vision encoder's dataclass output into the tuple an exporter takes, with an optional
+    projector on the patch features."""
+
+    def __init__(self, encoder: VisionEncoder, projector: Projector | None):
+        super().__init__()
+        self.encoder, self.projector = encoder, projector
+
+    def forward(self, pixel_values: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        out = self.encoder(pixel_values)
+        feats = out.last_hidden_state if self.projector is None else self.projector(out.last_hidden_state)
+        return feats if out.pooled is None else (feats, out.pooled)
+
+
+def vision_graph(encoder: VisionEncoder, projector: Projector | None = None, batch: int = 2) -> MediaGraph:
+    """SigLIP/CLIP encoder (and projector) on processed pixels; the image processor travels in `meta`."""
+    c = encoder.cfg
+    px = torch.randn(
+        batch, c.num_channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(0)
+    )
+    has_pool = c.kind == "clip" or c.use_head
+    outputs = ("features", "pooled") if has_pool else ("features",)
+    proc = asdict(ImageProcessor.for_config(c.kind, c.image_size))
+    return MediaGraph("vision", _Outputs(encoder, projector).eval(), {"pixel_values": px}, outputs,
+                      {"pixel_values": {0: "batch"}}, {"kind": "image_encoder", "processor": proc})  # fmt: skip
+
+
+def whisper_graph(encoder: WhisperEncoder, seconds: int = 30, batch: int = 1) -> MediaGraph:
+    """Whisper encoder on log-mel features of `seconds`-long windows (30 s: what Whisper was trained on)."""
+    c = encoder.config
+    mel = MelConfig(n_mels=c.num_mel_bins, chunk_seconds=seconds)
+    if mel.n_frames > 2 * c.max_source_positions:
+        raise ExportError(
+            f"whisper: {seconds} s is longer than the encoder's {c.max_source_positions // 50} s"
+        )
+    x = torch.randn(batch, c.num_mel_bins, mel.n_frames, generator=torch.Generator().manual_seed(0))
+    return MediaGraph("audio", encoder.eval(), {"input_features": x}, ("features",),
+                      {"input_features": {0: "batch"}}, {"kind": "audio_encoder", "mel": asdict(mel)})  # fmt: skip
+
+
+@contextmanager
+def _quiet_exporter():
+    """The exporter and its optimizer log progress at INFO/WARNING; a library keeps that to itself."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
+
+
+def export_graph(graph: MediaGraph, path: Path) -> None:
+    """Write `graph` to `path` (one self-contained .onnx file)."""
+    dims: dict[str, torch.export.Dim] = {}
+    dynamic = {k: {ax: dims.setdefault(n, torch.export.Dim(n)) for ax, n in axes.items()}
+               for k, axes in graph.dynamic.items()}  # fmt: skip
+    shapes = tuple(dynamic.get(k) for k in graph.inputs) if dynamic else None
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(graph.module, tuple(graph.inputs.values()), None, dynamo=True,
+                                        input_names=list(graph.inputs), output_names=list(graph.outputs),
+                                        dynamic_shapes=shapes, opset_version=OPSET, optimize=True,
+                                        verbose=False, report=False)  # fmt: skip
+            program.save(str(path), external_data=False)
+    except Exception as e:  # the exporter raises many types; the cause goes on one line
+        raise ExportError(f"{graph.name}: ONNX export failed: {' '.join(str(e).split())[:300]}") from None
+
+
+def parity(graph: MediaGraph, path: Path) -> float:
+    """Largest |difference| between the module and ONNX Runtime on the graph's example inputs."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {k: v.numpy() for k, v in graph.inputs.items()}
+    got = session.run(list(graph.outputs), feeds)
+    with torch.no_grad():
+        want = graph.module(*graph.inputs.values())
+    want = (want,) if isinstance(want, Tensor) else tuple(want)
+    if len(want) != len(got):
+        raise ExportError(f"{graph.name}: the module returns {len(want)} outputs, the graph {len(got)}")
+    err = 0.0
+    for name, a, b in zip(graph.outputs, got, want, strict=True):
+        if a.shape != tuple(b.shape):
+            raise ExportError(
+                f"{graph.name}: output {name} has shape {a.shape}, the module's {tuple(b.shape)}"
+            )
+        if a.dtype.kind in "iub":  # tokens: exact
+            err = max(err, float(np.abs(a.astype(np.int64) - b.numpy().astype(np.int64)).max(initial=0)))
+        else:
+            err = max(err, float(np.abs(a.astype(np.float64) - b.double().numpy()).max(initial=0.0)))
+    return err
+
+
+def export_media(
+    graphs: Sequence[MediaGraph],
+    out: str | Path,
+    tol: float = 1e-3,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Export every graph into the folder `out` (replaced atomically) and return its manifest."""
+    out = Path(out)
+    names = [g.name for g in graphs]
+    if not graphs or len(set(names)) != len(names):
+        raise ExportError(f"export_media needs graphs with distinct names, got {names}")
+    if out.exists() and not (out / MANIFEST).is_file():  # say so before minutes of export, not after
+        raise ExportError(
+            f"{out}: exists and is not an exported media folder (no {MANIFEST}); not overwriting it"
+        )
+    entries = {}
+    with writing_dir(out, marker=MANIFEST, what="an exported media folder", error=ExportError) as tmp:
+        for g in graphs:
+            if on_progress:
+                on_progress(f"exporting {g.name}")
+            path = tmp / f"{g.name}.onnx"
+            t0 = time.perf_counter()
+            export_graph(g, path)
+            err = parity(g, path)
+            if not err <= tol:
+                raise ExportError(f"{g.name}: ONNX Runtime differs from PyTorch by {err:.3g} (> {tol:g})")
+            entries[g.name] = {
+                "file": path.name,
+                "sha256": file_sha256(path),
+                "bytes": path.stat().st_size,
+                "parameters": sum(p.numel() for p in g.module.parameters()),
+                "inputs": {
+                    k: {
+                        "shape": list(v.shape),
+                        "dtype": str(v.dtype).removeprefix("torch."),
+                        "dynamic": {str(a): n for a, n in g.dynamic.get(k, {}).items()},
+                    }
+                    for k, v in g.inputs.items()
+                },
+                "outputs": list(g.outputs),
+                "parity_max_abs": err,
+                "export_seconds": round(time.perf_counter() - t0, 2),
+                "meta": g.meta,
+            }
+        manifest = {"format": FORMAT, "version": 1, "opset": OPSET, "graphs": entries}
+        text = json.dumps(manifest, indent=2) + "\n"
+        write_text_atomic(tmp / MANIFEST, text)
+    return json.loads(text)
