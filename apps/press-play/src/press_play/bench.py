@@ -354,6 +354,7 @@ def suites() -> dict[str, Suite]:
     from press_play import (
         bench_build,
         bench_kv,
+        bench_media,
         bench_mla,
         bench_moe,
         bench_onnx,
@@ -418,6 +419,11 @@ def suites() -> dict[str, Suite]:
         cls = bench_phone.PhoneBenchConfig
         return cls.quick_config(**given) if a.quick else cls(**given)
 
+    def media_config(a: argparse.Namespace) -> bench_media.MediaBenchConfig:
+        given = {k: getattr(a, k) for k in ("rounds", "threads") if getattr(a, k) is not None}
+        cls = bench_media.MediaBenchConfig
+        return cls.quick_config(**given) if a.quick else cls(**given)
+
     def build_config(a: argparse.Namespace) -> bench_build.BuildBenchConfig:
         given = {k: getattr(a, k) for k in ("model", "rounds", "threads") if getattr(a, k) is not None}
         if a.peer_python is not None:
@@ -459,6 +465,9 @@ def suites() -> dict[str, Suite]:
         ),
         "build": Suite(
             bench_build.SECTION, build_config, bench_build.run_build_bench, bench_build.render_build_section
+        ),
+        "media": Suite(
+            bench_media.SECTION, media_config, bench_media.run_media_bench, bench_media.render_media_section
         ),
     }
 
