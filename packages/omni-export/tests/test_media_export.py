@@ -12,10 +12,19 @@ import pytest
 import torch
 
 from omni_export.errors import ExportError
-from omni_export.media import MediaGraph, export_media, vision_graph, whisper_graph
+from omni_export.media import (
+    MediaGraph,
+    export_media,
+    interpolator_graph,
+    video_graph,
+    vision_graph,
+    whisper_graph,
+)
 from omni_media.audio import MelConfig, log_mel_batch
 from omni_media.image import ImageProcessor
+from omni_media.interpolate import InterpolatorConfig, KeyframeInterpolator
 from omni_media.projector import Projector, ProjectorConfig
+from omni_media.video import VideoEncoder, VideoEncoderConfig
 from omni_media.vision import VisionConfig, VisionEncoder
 from omni_media.whisper import WhisperEncoder, WhisperEncoderConfig
 from omni_runtime.engine import EngineError
@@ -51,9 +60,14 @@ def exported(tmp_path_factory):
     whisper = _whisper()
     folder = tmp_path_factory.mktemp("media") / "out"
     steps = []
-    manifest = export_media([vision_graph(vision, projector), whisper_graph(whisper, seconds=1)], folder,
-                            on_progress=steps.append)  # fmt: skip
-    return folder, manifest, vision, projector, whisper, steps
+    video = VideoEncoder(vision, VideoEncoderConfig(temporal="sinusoidal", pool=2)).eval()
+    interp = KeyframeInterpolator(InterpolatorConfig(channels=4, hidden=16)).eval()
+    for p in interp.out.parameters():  # it starts as the plain blend; make the learned part count
+        torch.nn.init.normal_(p, std=0.1)
+    graphs = [vision_graph(vision, projector), whisper_graph(whisper, seconds=1), video_graph(video, frames=4),
+              interpolator_graph(interp, (6, 6))]  # fmt: skip
+    manifest = export_media(graphs, folder, on_progress=steps.append)
+    return folder, manifest, vision, projector, whisper, steps, video, interp
 
 
 def _images() -> list[np.ndarray]:
@@ -65,8 +79,9 @@ def _images() -> list[np.ndarray]:
 
 
 def test_manifest_records_each_graph(exported):
-    folder, manifest, *_, steps = exported
-    assert steps == ["exporting vision", "exporting audio"]
+    folder, manifest, *_, steps, _, _ = exported
+    assert steps == ["exporting vision", "exporting audio", "exporting video", "exporting interpolator"]
+    assert all(g["parity_max_abs"] <= 1e-3 for g in manifest["graphs"].values())
     assert json.loads((folder / "media.json").read_text()) == manifest
     v = manifest["graphs"]["vision"]
     assert v["outputs"] == ["features", "pooled"] and v["parity_max_abs"] <= 1e-3
@@ -76,7 +91,7 @@ def test_manifest_records_each_graph(exported):
 
 
 def test_runtime_matches_pytorch(exported):
-    folder, _, vision, projector, whisper, _ = exported
+    folder, _, vision, projector, whisper, _, video, interp = exported
     rt = MediaRuntime(folder)
     images = _images()
     got = rt.encode_image(images)  # batch of 2 at export, 2 here; 3 below exercises the dynamic axis
@@ -95,6 +110,16 @@ def test_runtime_matches_pytorch(exported):
         want = whisper(torch.from_numpy(log_mel_batch(clips, MelConfig(chunk_seconds=1)))).numpy()
     assert feats.shape == (2, 50, 32)
     np.testing.assert_allclose(feats, want, atol=1e-3, rtol=0)
+    clip = np.random.default_rng(1).standard_normal((3, 4, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = video(torch.from_numpy(clip)).numpy()
+    np.testing.assert_allclose(rt.run("video", clip)[0], want, atol=1e-3, rtol=0)
+    assert want.shape == (3, 2, 16, 32)
+    z = np.random.default_rng(2).standard_normal((2, 5, 4, 6, 6)).astype(np.float32)
+    t = np.array([0.25, 0.5, 0.5, 0.75, 0.1], np.float32)
+    with torch.no_grad():
+        want = interp(*(torch.from_numpy(a) for a in (z[0], z[1], t))).numpy()
+    np.testing.assert_allclose(rt.run("interpolator", z[0], z[1], t)[0], want, atol=1e-3, rtol=0)
 
 
 def test_runtime_process_never_imports_torch(exported):
@@ -118,8 +143,8 @@ def test_runtime_refuses_altered_or_foreign_folders(exported, tmp_path):
     rt = MediaRuntime(folder)
     with pytest.raises(EngineError, match="input pixel_values has shape"):
         rt.run("vision", np.zeros((1, 3, 16, 16), np.float32))
-    with pytest.raises(EngineError, match="no graph named 'video'"):
-        rt.run("video", np.zeros(1))
+    with pytest.raises(EngineError, match="no graph named 'decoder'"):
+        rt.run("decoder", np.zeros(1))
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in folder.iterdir():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,9 @@ from torch import Tensor, nn
 from omni_export.errors import ExportError
 from omni_media.audio import MelConfig
 from omni_media.image import ImageProcessor
+from omni_media.interpolate import KeyframeInterpolator
 from omni_media.projector import Projector
+from omni_media.video import VideoEncoder
 from omni_media.vision import VisionEncoder
 from omni_media.whisper import WhisperEncoder
 from omni_model.files import file_sha256, write_text_atomic, writing_dir
@@ -96,15 +99,41 @@ def whisper_graph(encoder: WhisperEncoder, seconds: int = 30, batch: int = 1) ->
                       {"input_features": {0: "batch"}}, {"kind": "audio_encoder", "mel": asdict(mel)})  # fmt: skip
 
 
+def video_graph(encoder: VideoEncoder, frames: int = 8, batch: int = 1) -> MediaGraph:
+    """A clip of `frames` processed frames (B, T, C, H, W) -> (B, T', N, D), positions by frame index."""
+    c = encoder.vision.cfg
+    if encoder.config.position_by != "index":
+        raise ExportError("video: only position_by='index' exports (timestamps would be a second input)")
+    px = torch.randn(batch, frames, c.num_channels, c.image_size, c.image_size,
+                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    proc = asdict(ImageProcessor.for_config(c.kind, c.image_size))
+    meta = {"kind": "video_encoder", "processor": proc, "frames": frames, "pool": encoder.config.pool}
+    return MediaGraph("video", encoder.eval(), {"pixel_values": px}, ("features",),
+                      {"pixel_values": {0: "batch"}}, meta)  # fmt: skip
+
+
+def interpolator_graph(model: KeyframeInterpolator, grid: tuple[int, int], batch: int = 2) -> MediaGraph:
+    """Two keyframe latents (B, C, h, w) and t (B,) -> the in-between latent."""
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = (torch.randn(batch, model.config.channels, *grid, generator=g) for _ in range(2))
+    t = torch.rand(batch, generator=g)
+    dyn = {k: {0: "batch"} for k in ("z0", "z1", "t")}
+    return MediaGraph("interpolator", model.eval(), {"z0": z0, "z1": z1, "t": t}, ("latent",), dyn,
+                      {"kind": "keyframe_interpolator"})  # fmt: skip
+
+
 @contextmanager
 def _quiet_exporter():
-    """The exporter and its optimizer log progress at INFO/WARNING; a library keeps that to itself."""
+    """The exporter and its optimizer log progress at INFO/WARNING and warn about axis names it merges;
+    a library keeps that to itself."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+            yield
     finally:
         for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)
