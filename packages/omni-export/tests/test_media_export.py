@@ -14,14 +14,18 @@ import torch
 from omni_export.errors import ExportError
 from omni_export.media import (
     MediaGraph,
+    codec_graphs,
     export_media,
+    image_tokenizer_graphs,
     interpolator_graph,
     video_graph,
     vision_graph,
     whisper_graph,
 )
 from omni_media.audio import MelConfig, log_mel_batch
+from omni_media.codec import AudioCodec, CodecConfig
 from omni_media.image import ImageProcessor
+from omni_media.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
 from omni_media.interpolate import InterpolatorConfig, KeyframeInterpolator
 from omni_media.projector import Projector, ProjectorConfig
 from omni_media.video import VideoEncoder, VideoEncoderConfig
@@ -179,3 +183,26 @@ def test_export_refuses_bad_graphs(tmp_path):
     with pytest.raises(ExportError, match="not an exported media folder"):
         export_media([g], tmp_path / "mine")
     assert (tmp_path / "mine" / "keep.txt").read_text() == "not ours"
+
+
+def test_tokenizer_halves_roundtrip_in_the_runtime(tmp_path):
+    torch.manual_seed(0)
+    tok = ImageTokenizer(ImageTokenizerConfig(widths=(8, 16), levels=(5, 5, 5))).eval()
+    codec = AudioCodec(CodecConfig(channels=16, n_blocks=1, levels=(5, 5), n_q=2)).eval()
+    manifest = export_media(image_tokenizer_graphs(tok) + codec_graphs(codec, seconds=0.5), tmp_path / "tok")
+    assert {g["token_mismatch"] for g in manifest["graphs"].values()} == {0.0}
+    assert manifest["graphs"]["image_decoder"]["meta"]["grid"] == [7, 7]
+    rt = MediaRuntime(tmp_path / "tok")
+    images = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    tokens = rt.run("image_encoder", images)[0]
+    with torch.no_grad():
+        assert np.array_equal(tokens, tok.encode(torch.from_numpy(images)).numpy())
+        want = tok.decode(torch.from_numpy(tokens)).numpy()
+    np.testing.assert_allclose(rt.run("image_decoder", tokens)[0], want, atol=1e-3, rtol=0)
+    wave = (0.1 * np.random.default_rng(1).standard_normal((1, 12000))).astype(np.float32)  # another length
+    codes = rt.run("audio_encoder", wave)[0]
+    with torch.no_grad():
+        assert np.array_equal(codes, codec.encode(torch.from_numpy(wave)).numpy())
+        want = codec.decode(torch.from_numpy(codes)).numpy()
+    assert codes.shape == (1, 2, 38)
+    np.testing.assert_allclose(rt.run("audio_decoder", codes)[0], want, atol=1e-3, rtol=0)
