@@ -177,6 +177,10 @@ INTERRUPT = textwrap.dedent("""
     from press_play.build import BuildConfig, build
     from press_play.build_profile import load_profile
 
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then keeps it ignored: restore the KeyboardInterrupt a terminal's Ctrl-C would raise.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def on_event(e):
         # mid-export: the graph is written under its temporary name, parity is being measured
         if e.stage == "export-onnx" and e.state == "progress" and "parity" in e.detail:

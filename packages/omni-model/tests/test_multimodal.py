@@ -17,6 +17,7 @@ from omni_model.multimodal import (
     build_sequence,
     extend_vocab,
     find_spans,
+    media_outputs,
     splice,
 )
 
@@ -56,6 +57,10 @@ def test_sequence_roundtrip_and_spans():
                                                                       ("audio", 11, 14, "codes")]  # fmt: skip
     assert find_spans(ids, VOCAB) == spans
     assert VOCAB.ids_to_codes("audio", ids[11:14]).tolist() == [7, 0, 1]
+    decoded = media_outputs(ids, VOCAB, {"audio": lambda codes: codes.tolist()})
+    assert decoded == [("audio", [7, 0, 1])]  # input spans are not outputs
+    with pytest.raises(MediaSpanError, match="no audio decoder"):
+        media_outputs(ids, VOCAB, {})
     with pytest.raises(MediaSpanError, match="never closed"):
         find_spans(ids[:12], VOCAB)
     with pytest.raises(MediaSpanError, match="text ids"):

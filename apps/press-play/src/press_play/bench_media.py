@@ -118,10 +118,20 @@ def _eager(module: torch.nn.Module, inputs: list[torch.Tensor]) -> Any:
     return module(*inputs)
 
 
-def _time_ms(fn: Callable[[], Any]) -> float:
+def _time_ms(fn: Callable[[], Any], reps: int) -> float:
+    """Mean milliseconds per call over `reps` back-to-back calls."""
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def _reps(fn: Callable[[], Any], target_s: float = 0.2) -> int:
+    """Calls per timed sample so that one sample lasts about `target_s`: a sub-millisecond graph timed
+    once is mostly the timer and the scheduler's noise."""
     t0 = time.perf_counter()
     fn()
-    return (time.perf_counter() - t0) * 1e3
+    return max(1, min(1000, round(target_s / max(time.perf_counter() - t0, 1e-6))))
 
 
 def measure(graphs: list[tuple[MediaGraph, str]], config: MediaBenchConfig, report: MediaReport,
@@ -142,6 +152,8 @@ def measure(graphs: list[tuple[MediaGraph, str]], config: MediaBenchConfig, repo
             arrays = [v.numpy() for v in inputs]
             rt.run(g.name, *arrays)  # warm-up: session creation and first-run allocations, untimed
             _eager(g.module, inputs)
+            reps = {"ort": _reps(lambda g=g, a=arrays: rt.run(g.name, *a)),
+                    "torch": _reps(lambda g=g, x=inputs: _eager(g.module, x))}  # fmt: skip
             for r in range(config.rounds):
                 progress(f"timing {g.name}, round {r + 1}/{config.rounds}")
                 pair = [
@@ -149,7 +161,7 @@ def measure(graphs: list[tuple[MediaGraph, str]], config: MediaBenchConfig, repo
                     ("torch", lambda g=g, x=inputs: _eager(g.module, x)),
                 ]
                 for kind, fn in pair if r % 2 == 0 else pair[::-1]:
-                    (row.ort_ms if kind == "ort" else row.torch_ms).append(_time_ms(fn))
+                    (row.ort_ms if kind == "ort" else row.torch_ms).append(_time_ms(fn, reps[kind]))
             report.components.append(row)
 
 
@@ -222,7 +234,8 @@ def render_media_section(report: MediaReport) -> str:
         "Each component is exported by `omni_export.media.export_media` (the export fails unless ONNX Runtime "
         "matches PyTorch within 1e-3 on its example input) and run by `omni_runtime.media.MediaRuntime` (no "
         f"torch). Batch 1, float32, {machine['threads']} threads for both; ONNX Runtime and PyTorch eager "
-        f"alternate over {c.rounds} round(s) after one untimed run each; cells are the median (min–max) in ms.",
+        f"alternate over {c.rounds} round(s) after one untimed run each; a round's sample is the mean of as many "
+        "back-to-back calls as fill about 0.2 s; cells are the median (min–max) over the rounds, in ms per call.",
         "",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores; Python {machine['python']}, torch {machine['torch']}; "
         f"{machine['date']}",

@@ -16,9 +16,9 @@ the model writes a span, so an image span holds exactly its grid of image codes 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -165,6 +165,21 @@ def find_spans(ids: Tensor, vocab: MediaVocab) -> list[Span]:
     if open_at >= 0:
         raise MediaSpanError(f"a {open_m} span opened at position {open_at - 1} is never closed")
     return spans
+
+
+def media_outputs(
+    ids: Tensor, vocab: MediaVocab, decoders: dict[str, Callable[[Tensor], Any]]
+) -> list[tuple[str, Any]]:
+    """Each output span of a (T,) sequence (e.g. a generated one) as (modality, decoders[modality](codes)):
+    the codes of the span, in order, handed to the matching tokenizer's decoder (pixels, samples)."""
+    out = []
+    for s in find_spans(ids, vocab):
+        if s.kind != "codes":
+            continue
+        if s.modality not in decoders:
+            raise MediaSpanError(f"a {s.modality} span at {s.start}, and no {s.modality} decoder given")
+        out.append((s.modality, decoders[s.modality](vocab.ids_to_codes(s.modality, ids[s.start : s.end]))))
+    return out
 
 
 def splice(model: Decoder, ids: Tensor, spans: Sequence[Span], features: Sequence[Tensor]) -> Tensor:
