@@ -382,9 +382,10 @@ def train_codec(waveforms: Sequence[np.ndarray], config: CodecConfig = CodecConf
         raise MediaError(
             f"train_codec: segment_samples {train.segment_samples} is not a multiple of the stride {config.stride}"
         )
-    torch.manual_seed(train.seed)
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's random state alone
+        torch.manual_seed(train.seed)
+        codec = AudioCodec(config).train()
     rng = np.random.default_rng(train.seed)
-    codec = AudioCodec(config).train()
     opt = torch.optim.AdamW(codec.parameters(), lr=train.lr, betas=(0.8, 0.99), weight_decay=1e-4)
     start, warmup = time.perf_counter(), max(1, train.steps // 20)
     for step in range(train.steps):

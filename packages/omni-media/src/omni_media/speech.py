@@ -312,8 +312,15 @@ def _augment(mel: Tensor, g: torch.Generator) -> Tensor:
 def train_spoken_digit_classifier(data: SpokenDigits, config: ClassifierTrainConfig = ClassifierTrainConfig(),
                                   on_progress: Callable[[int, int, float], None] | None = None
                                   ) -> DigitClassifier:  # fmt: skip
-    """A DigitClassifier trained with AdamW on `data`; on_progress(epoch, epochs, mean loss)."""
-    torch.manual_seed(config.seed)
+    """A DigitClassifier trained with AdamW on `data`; on_progress(epoch, epochs, mean loss). Seeded by
+    `config.seed` without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return _train_classifier(data, config, on_progress)
+
+
+def _train_classifier(data: SpokenDigits, config: ClassifierTrainConfig,
+                      on_progress: Callable[[int, int, float], None] | None) -> DigitClassifier:  # fmt: skip
     g = torch.Generator().manual_seed(config.seed)
     x, y = digit_features(data.waves), torch.from_numpy(data.labels)
     model = DigitClassifier()
