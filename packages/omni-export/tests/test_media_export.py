@@ -206,3 +206,5 @@ def test_tokenizer_halves_roundtrip_in_the_runtime(tmp_path):
         want = codec.decode(torch.from_numpy(codes)).numpy()
     assert codes.shape == (1, 2, 38)
     np.testing.assert_allclose(rt.run("audio_decoder", codes)[0], want, atol=1e-3, rtol=0)
+    with pytest.raises(EngineError, match=r"token ids outside \[0, 25\)"):
+        rt.run("audio_decoder", codes + 25)

@@ -119,6 +119,15 @@ class MediaRuntime:
             if a.ndim != len(spec.get("shape", [])) or any(a.shape[ax] != n for ax, n in fixed):
                 raise EngineError(f"{name}: input {k} has shape {a.shape}, the graph takes {spec['shape']} "
                                   f"(dynamic axes {sorted(spec.get('dynamic', {}))})")  # fmt: skip
+            vocab = g.get("meta", {}).get("vocab_size")
+            if (
+                spec["dtype"] == "int64"
+                and isinstance(vocab, int)
+                and a.size
+                and (a.min() < 0 or a.max() >= vocab)
+            ):
+                # the exported decoders clamp instead (a graph cannot raise), which would hide the mistake
+                raise EngineError(f"{name}: input {k} holds token ids outside [0, {vocab})")
             feeds[k] = a
         return self.session(name).run(g["outputs"], feeds)
 
