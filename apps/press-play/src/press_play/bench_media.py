@@ -23,21 +23,11 @@ import torch
 
 from omni_export.media import (
     MediaGraph,
-    codec_graphs,
     export_media,
-    image_tokenizer_graphs,
-    interpolator_graph,
     vision_graph,
     whisper_graph,
 )
-from omni_media.codec import CodecConfig, speech_experiment
-from omni_media.codec import TrainConfig as CodecTrainConfig
-from omni_media.data import load_mnist
-from omni_media.image_tokenizer import mnist_experiment
-from omni_media.interpolate import TrainConfig as InterpolatorTrainConfig
-from omni_media.keyframes import at_size, keyframe_experiment
 from omni_media.projector import Projector, ProjectorConfig
-from omni_media.video import moving_digits
 from omni_media.vision import VisionConfig, VisionEncoder
 from omni_media.whisper import WhisperEncoder, WhisperEncoderConfig
 from omni_runtime.media import MediaRuntime
@@ -187,36 +177,15 @@ def run_media_bench(config: MediaBenchConfig, on_progress: Progress | None = Non
 def train_tokenizers(config: MediaBenchConfig, report: MediaReport,
                      progress: Callable[[str], None]) -> list[tuple[MediaGraph, str]]:  # fmt: skip
     """Train the image tokenizer (MNIST), the keyframe interpolator (Moving MNIST) and the audio codec
-    (synthesised digits); record their figures; return their graphs for the ONNX half of the bench."""
-    q = config.quick
-    progress("image tokenizer: training on MNIST")
-    steps = (30, 30) if q else (2000, 1500)  # tokenizer, classifier: mnist_experiment's defaults
-    tokenizer, _, figures = mnist_experiment(steps=steps[0], classifier_steps=steps[1])
-    report.training["image"] = figures
-    progress("keyframe interpolator: training on Moving MNIST")
-    mnist = load_mnist()
-    n_train, n_test, size = (16, 4, 32) if q else (512, 64, 64)
-    train = moving_digits(mnist.train_images, n_train, 13, size=size, n_digits=2, seed=0).clips
-    test = moving_digits(mnist.test_images, n_test, 13, size=size, n_digits=2, seed=1).clips
-    interp_train = InterpolatorTrainConfig(steps=20 if q else 2000)
-    interpolator, figures = keyframe_experiment(tokenizer, train, test, every=4, train=interp_train,
-                                                hidden=8 if q else 64)  # fmt: skip
-    report.training["video"] = figures | {"size": float(size)}
-    progress("audio codec: synthesising speech and training")
-    codec_config = CodecConfig(channels=16, n_blocks=1) if q else CodecConfig()
-    codec_train = CodecTrainConfig(steps=10, batch_size=4) if q else CodecTrainConfig()
-    counts = (3, 2) if q else (100, 30)
-    codec, _, figures = speech_experiment(n_train_per_class=counts[0], n_test_per_class=counts[1],
-                                          codec_config=codec_config, train=codec_train)  # fmt: skip
-    report.training["audio"] = figures
-    grid = at_size(tokenizer, size).grid
-    img_enc, img_dec = image_tokenizer_graphs(tokenizer)
-    aud_enc, aud_dec = codec_graphs(codec, seconds=1.0)
-    return [(img_enc, "MNIST image tokenizer, encoder (28 px -> 7x7 tokens)"),
-            (img_dec, "MNIST image tokenizer, decoder"),
-            (interpolator_graph(interpolator, grid), f"keyframe interpolator ({size} px frames)"),
-            (aud_enc, "audio codec, encoder (1 s of 16 kHz -> 2x50 tokens)"),
-            (aud_dec, "audio codec, decoder")]  # fmt: skip
+    (synthesised digits) as `press-play media train` does; record their figures; return their graphs."""
+    from press_play.media_cmd import media_graphs, train_media
+
+    trained = train_media(config.quick, progress)
+    report.training = trained.figures
+    what = ["MNIST image tokenizer, encoder (28 px -> 7x7 tokens)", "MNIST image tokenizer, decoder",
+            f"keyframe interpolator ({trained.frame_size} px frames)",
+            "audio codec, encoder (1 s of 16 kHz -> 2x50 tokens)", "audio codec, decoder"]  # fmt: skip
+    return list(zip(media_graphs(trained), what, strict=True))
 
 
 def _ms(values: list[float], spread: bool) -> str:

@@ -21,6 +21,7 @@ from press_play.export_cmd import export
 from press_play.generate_cmd import generate
 from press_play.index_cmd import index_app
 from press_play.kv_cmd import kv_app
+from press_play.media_cmd import media_app
 from press_play.tour import run_tour
 from press_play.train_cmd import train_app
 
@@ -43,6 +44,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(kv_app, name="kv")
 app.add_typer(index_app, name="index")
 app.add_typer(train_app, name="train")
+app.add_typer(media_app, name="media")
 app.command("tour")(run_tour)
 
 

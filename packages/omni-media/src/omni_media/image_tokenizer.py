@@ -355,8 +355,10 @@ def mnist_experiment(
     steps: int = TrainConfig.steps,
     classifier_steps: int = ClassifierTrainConfig.steps,
     on_progress: Callable[[str, int, float], None] | None = None,
+    test_images: int | None = None,
 ) -> tuple[ImageTokenizer, DigitClassifier, dict[str, float]]:
-    """Train the default tokenizer and a digit classifier on MNIST; evaluate on its 10k test images."""
+    """Train the default tokenizer and a digit classifier on MNIST; evaluate on its 10k test images
+    (or the first `test_images` of them)."""
     from omni_media.data import load_mnist
 
     mnist = load_mnist(cache_dir)
@@ -376,7 +378,8 @@ def mnist_experiment(
         report("classifier"),
     )
     classifier_s = time.monotonic() - start - tokenizer_s
-    figures = evaluate_image_tokenizer(tokenizer, classifier, mnist.test_images, mnist.test_labels)
+    n = test_images or len(mnist.test_images)
+    figures = evaluate_image_tokenizer(tokenizer, classifier, mnist.test_images[:n], mnist.test_labels[:n])
     figures |= {
         "tokenizer_train_s": tokenizer_s,
         "classifier_train_s": classifier_s,
