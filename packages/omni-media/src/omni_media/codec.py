@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from omni_media.audio import MelConfig, log_mel_batch, mel_filters
+from omni_media.checkpoint import read_with_config, save_with_config
 from omni_media.errors import MediaError
 from omni_media.quantize import FSQ
 from omni_media.speech import (
@@ -269,35 +268,14 @@ class _Half(nn.Module):
 
 def save_codec(codec: AudioCodec, path: str | Path) -> Path:
     """One .safetensors file, config JSON in its metadata, written to a temporary name then renamed."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in codec.state_dict().items()}
-    meta = {"format": _FORMAT, "config": json.dumps(asdict(codec.config))}
-    # A unique name in the same folder (so os.replace is atomic), created by save_file with the umask's mode.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        save_file(state, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_with_config(codec, codec.config, _FORMAT, path)
 
 
 def load_codec(path: str | Path, config: CodecConfig | None = None) -> AudioCodec:
     """A codec saved by `save_codec`, in eval mode; MediaError naming the file for a truncated or foreign
     file, a missing config, or (when `config` is given) a checkpoint of another configuration."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise MediaError(
-            f"{path}: not a readable safetensors file: {' '.join(str(e).split())[:200]}"
-        ) from None
+    meta, state = read_with_config(path)
     if meta.get("format") != _FORMAT or "config" not in meta:
         raise MediaError(f"{path}: no codec config in the metadata (not saved by save_codec)")
     saved = CodecConfig.from_json(meta["config"], path)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from omni_media.checkpoint import read_with_config, save_with_config
 from omni_media.digits import (
     ClassifierTrainConfig,
     DigitClassifier,
@@ -214,36 +213,13 @@ class ImageDecoderGraph(nn.Module):
 
 def save_image_tokenizer(tokenizer: ImageTokenizer, path: str | Path) -> Path:
     """Write weights + config to one .safetensors file, atomically (temp file in the folder, then rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in tokenizer.state_dict().items()}
-    meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(asdict(tokenizer.config))}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_with_config(tokenizer, tokenizer.config, CHECKPOINT_FORMAT, path)
 
 
 def load_image_tokenizer(path: str | Path) -> ImageTokenizer:
     """Read a file written by `save_image_tokenizer`; MediaError naming it if it is not one that fits."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise MediaError(
-            f"{path}: not a readable safetensors file: {' '.join(str(e).split())[:200]}"
-        ) from None
+    meta, state = read_with_config(path)
     if meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
         raise MediaError(f"{path}: no image tokenizer config in the metadata (format {meta.get('format')!r})")
     try:

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from omni_media.checkpoint import read_with_config, save_with_config
 from omni_media.errors import MediaError
 
 FORMAT = "omni-media.keyframe-interpolator.v1"
@@ -211,34 +208,13 @@ def evaluate_interpolator(
 
 def save_interpolator(model: KeyframeInterpolator, path: str | Path) -> Path:
     """One .safetensors file, the config as JSON in its metadata; written to a temp name, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "config": json.dumps(asdict(model.config))}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_with_config(model, model.config, FORMAT, path)
 
 
 def load_interpolator(path: str | Path, expect: InterpolatorConfig | None = None) -> KeyframeInterpolator:
     """A saved interpolator in eval mode; MediaError naming the file if it is not one (or not `expect`)."""
     path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise MediaError(
-            f"{path}: not a readable safetensors file: {' '.join(str(e).split())[:200]}"
-        ) from None
+    meta, state = read_with_config(path)
     if meta.get("format") != FORMAT:
         raise MediaError(f"{path}: not a keyframe interpolator (metadata format {meta.get('format')!r})")
     try:
