@@ -153,13 +153,7 @@ class ImageTokenizer(nn.Module):
         return self.decoder(codes.permute(0, 3, 1, 2))  # (B, C, H, W)
 
     def _codes(self, tokens: Tensor) -> Tensor:
-        # FSQ.indices_to_codes without its range check (a data-dependent branch torch.export rejects);
-        # the clamp makes out-of-range tokens well defined in an exported graph.
-        levels = self.fsq._levels.long()
-        tokens = tokens.long().clamp(0, self.vocab_size - 1)
-        digits = (tokens.unsqueeze(-1) // self.fsq._radix) % levels  # (B, h, w, d)
-        half = levels // 2
-        return (digits - half).float() / half.float()
+        return self.fsq.codes(tokens)  # unchecked: `decode` checks eagerly, an exported graph clamps
 
     def encode(self, images: Tensor) -> Tensor:
         """(B, C, H, W) float in [0, 1] -> (B, h, w) int64 tokens."""

@@ -34,16 +34,12 @@ def at_size(tokenizer: ImageTokenizer, image_size: int) -> ImageTokenizer:
 
 def tokens_to_codes(tokenizer: ImageTokenizer, tokens: Tensor) -> Tensor:
     """(B, h, w) tokens -> (B, d, h, w) code values in [-1, 1]: the space the interpolator works in."""
-    return tokenizer._codes(tokens).permute(0, 3, 1, 2)
+    return tokenizer.fsq.codes(tokens).permute(0, 3, 1, 2)
 
 
 def codes_to_tokens(tokenizer: ImageTokenizer, codes: Tensor) -> Tensor:
     """(B, d, h, w) values -> (B, h, w) tokens of the nearest grid point, channel by channel."""
-    levels = tokenizer.fsq._levels.long()  # (d,)
-    half = levels // 2
-    v = codes.permute(0, 2, 3, 1)  # (B, h, w, d)
-    digits = (torch.round(v * half) + half).long().clamp(torch.zeros_like(levels), levels - 1)
-    return (digits * tokenizer.fsq._radix).sum(-1)
+    return tokenizer.fsq.nearest(codes.permute(0, 2, 3, 1))  # (B, h, w, d) -> (B, h, w)
 
 
 @torch.no_grad()

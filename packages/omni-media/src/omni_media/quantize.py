@@ -56,6 +56,19 @@ class FSQ(nn.Module):
         """(...) indices -> (..., d) quantised values in [-1, 1], as `forward` returns them."""
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
             raise ValueError(f"token indices must be in [0, {self.codebook_size}), got {int(indices.max())}")
-        digits = (indices.long().unsqueeze(-1) // self._radix) % self._levels.long()
-        half_width = self._levels // 2
-        return (digits.float() - half_width) / half_width
+        return self.codes(indices)
+
+    def codes(self, indices: Tensor) -> Tensor:
+        """`indices_to_codes` with out-of-range indices clamped instead of refused: no data-dependent
+        branch, so it traces into an exported graph."""
+        levels = self._levels.long()
+        digits = (indices.long().clamp(0, self.codebook_size - 1).unsqueeze(-1) // self._radix) % levels
+        half_width = levels // 2
+        return (digits - half_width).float() / half_width.float()
+
+    def nearest(self, values: Tensor) -> Tensor:
+        """(..., d) values in code space -> (...) indices of the nearest grid point, channel by channel."""
+        levels = self._levels.long()
+        half_width = levels // 2
+        digits = (torch.round(values * half_width) + half_width).long()
+        return (digits.clamp(torch.zeros_like(levels), levels - 1) * self._radix).sum(-1)
