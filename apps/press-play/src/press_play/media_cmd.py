@@ -138,7 +138,7 @@ def train(
             finally:
                 torch.set_num_threads(before)  # the command may run inside another program
         f = record["figures"]
-        out.print(f"wrote {output} in {time.monotonic() - t0:.0f} s")
+        out.print(f"wrote {output} in {time.monotonic() - t0:.0f} s", soft_wrap=True)
         out.print(f"image tokenizer: PSNR {f['image']['psnr_db']:.2f} dB, digits read on reconstructions "
                   f"{100 * f['image']['accuracy_reconstructed']:.2f}%")  # fmt: skip
         out.print(f"keyframes every {EVERY}: in-betweens {f['video']['psnr_interpolator']:.2f} dB "

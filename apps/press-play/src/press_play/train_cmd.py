@@ -314,3 +314,61 @@ def heads(
         if accs:
             err.print(f"top-1 agreement with the base's greedy token on validation text: {accs}")
         _finish(r, f"{n_heads} heads on {model}", c.out / "heads")
+
+
+@train_app.command()
+def omni(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write (omni_model.load opens it).")] = Path("omni-digits"),
+    budget_hours: Annotated[float, typer.Option("--budget-hours", min=0.01, help="Wall clock of the whole run.")] = 1.75,
+    media: Annotated[Path | None, typer.Option("--media", help="A `press-play media train` folder: its tokenizers "
+                                               "are used instead of training them here.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny data and model: a smoke run.")] = False,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="torch threads.")] = 2,
+    seed: Seed = 0,
+) -> None:  # fmt: skip
+    """The any-to-any digit-world model: reads and writes text, images, speech and video; judged on held-out data."""
+    with reporting_errors():
+        import torch
+
+        from omni_media.errors import MediaError
+        from omni_train.errors import TrainError
+        from press_play.common import fail
+        from press_play.omni_cmd import MARKER, OmniRecipe, quick_recipe, run_omni
+
+        if out_dir.exists() and not (out_dir / MARKER).is_file():
+            fail(f"{out_dir}: exists and is not an omni model folder (no {MARKER}); not overwriting it")
+        if media is not None and not (media / "media-tokenizers.json").is_file():
+            fail(f"{media}: not a `press-play media train` folder (no media-tokenizers.json)")
+        budget = budget_hours * 3600
+        recipe = quick_recipe(budget) if quick else OmniRecipe(budget_s=budget, seed=seed)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
+        task = bar.add_task("training", total=1.0, visible=False)
+
+        def step(e) -> None:
+            if e.kind == "step":
+                loss = e.data.get("loss", float("nan"))
+                bar.update(task, completed=min(1.0, e.elapsed_s / e.budget_s), visible=True,
+                           description=f"step {e.step} {e.data.get('task', '')} loss {loss:.3f}")  # fmt: skip
+
+        def say(what: str) -> None:
+            bar.console.print(escape(what))
+
+        try:
+            with bar:
+                run = run_omni(recipe, out_dir, media, progress=say, on_step=step)
+        except (MediaError, TrainError) as e:
+            fail(str(e))
+        finally:
+            torch.set_num_threads(before)
+        f = run.figures
+        u, g = f["understanding"], f["generation"]
+        out.print(f"wrote {escape(str(out_dir))} in {f['wall_s'] / 60:.1f} min "
+                  f"({f['training']['steps']:,} steps, {f['training']['tokens']:,} tokens)", soft_wrap=True)  # fmt: skip
+        out.print(f"image -> text {u['image_to_text']:.1%} · speech -> text {u['speech_to_text_words']:.1%} of words · "
+                  f"video -> text {u['video_to_text']:.1%} (digit and direction)")  # fmt: skip
+        rr = lambda k: f" ({g[k + '_reranked']:.1%} with the verifier)" if k + "_reranked" in g else ""  # noqa: E731
+        out.print(f"text -> image {g['text_to_image']:.1%}{rr('text_to_image')} · text -> speech "
+                  f"{g['text_to_speech']:.1%}{rr('text_to_speech')} · text -> video {g['text_to_video']:.1%} of frames")  # fmt: skip

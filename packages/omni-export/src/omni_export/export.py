@@ -6,6 +6,8 @@ weight bytes and KV bytes per token, and the parity figures measured at export (
 against the PyTorch decoder on the start of the default text: logits over a prefill and cached
 decode steps, and how many greedy tokens agree). The folder is written under a temporary name and
 renamed when complete, so an interrupted export never leaves a folder that looks finished.
+Latent-attention models get the latent cache layout (manifest kv.layout "latent"; see onnx_sparse);
+the routed experts of MoE models are quantized in onnx_sparse.wide_experts' layout for int4/int8.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
 import omni_model
@@ -35,8 +38,10 @@ from omni_export.onnx_decoder import (
     build_decoder_graph,
     check_supported,
 )
+from omni_export.onnx_sparse import wide_experts
 from omni_export.session import OnnxDecoder
-from omni_export.weights import QuantLinear, float_weights, quantized_weights
+from omni_export.weights import QuantLinear, Weight, float_weights, quantized_weights
+from omni_kernels.quant import quantize_blockwise
 from omni_model.files import replace_dir
 from omni_model.loader import resolve_source
 
@@ -59,15 +64,19 @@ class ExportConfig:
     kv_calibration: str | None = None  # int8 KV: a sidecar from `press-play kv calibrate` (keys pre-scaled)
     parity_prompt_tokens: int = 64
     parity_decode_tokens: int = 32
+    media_placeholders: tuple[int, ...] = ()  # ids whose rows come from a media_embeds input (GraphOptions)
 
     def __post_init__(self) -> None:
-        GraphOptions(self.weights, self.accuracy_level, self.max_seq_len, self.kv)  # validates those four
+        self.graph_options(self.max_seq_len)  # validates the graph's fields
         if self.block_size not in (16, 32, 64, 128, 256):
             raise UnsupportedExportError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size}")
         if self.kv_calibration is not None and self.kv != "int8":
             raise UnsupportedExportError("a KV calibration applies to an int8 KV cache (--kv int8)")
         if self.parity_prompt_tokens < 1 or self.parity_decode_tokens < 0:
             raise ExportError("parity_prompt_tokens must be >= 1 and parity_decode_tokens >= 0")
+
+    def graph_options(self, max_seq_len: int) -> GraphOptions:
+        return GraphOptions(self.weights, self.accuracy_level, max_seq_len, self.kv, self.media_placeholders)
 
 
 def export_onnx(
@@ -81,7 +90,7 @@ def export_onnx(
     report("loading the model", 0, 5)
     lm = omni_model.load(source, fuse=False)
     cfg = lm.config
-    check_supported(cfg, GraphOptions(config.weights, config.accuracy_level, config.max_seq_len, config.kv))
+    check_supported(cfg, config.graph_options(config.max_seq_len))
     max_seq = min(config.max_seq_len, cfg.max_seq_len)
     report(f"preparing {config.weights} weights", 1, 5)
     state = lm.model.state_dict()
@@ -99,8 +108,9 @@ def export_onnx(
 
         weights = quantized_weights(state, cfg, resolve_source(source), bits, config.block_size,
                                     config.symmetric, count)  # fmt: skip
+        origin["quantized"] += _quantize_experts(weights, cfg, bits, config.block_size, config.symmetric)
     report("building the graph", 2, 5)
-    opts = GraphOptions(config.weights, config.accuracy_level, max_seq, config.kv)
+    opts = config.graph_options(max_seq)
     calibration = None
     if config.kv_calibration is not None:
         from omni_kv.calibration import KVCalibration
@@ -134,7 +144,9 @@ def export_onnx(
                              "tensors_converted_from_gguf": origin["converted"],
                              "tensors_quantized_from_float": origin["quantized"]},
             "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "logits_to_keep": "logits_to_keep",
-                       "past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value"},
+                       "past_key": "past_key_values.{i}.key", "past_value": "past_key_values.{i}.value"}
+                      | ({"media_embeds": "media_embeds"} if config.media_placeholders else {}),
+            "media_placeholders": sorted(set(config.media_placeholders)),
             "outputs": {"logits": "logits", "hidden_states": "hidden_states", "present_key": "present.{i}.key", "present_value": "present.{i}.value"},
             "kv": _kv_manifest(cfg, config.kv) | ({"calibration": KV_CALIBRATION} if calibration else {}),
             "weight_bytes": weight_bytes, "file_bytes": (tmp / DATA).stat().st_size + (tmp / GRAPH).stat().st_size,
@@ -167,7 +179,11 @@ def measure_parity(lm, graph: Path, cfg, config: ExportConfig, text: str | None)
     ids = lm.tokenizer.encode(text[: 40 * n_prompt])[:n_prompt]
     if len(ids) < n_prompt:
         raise ExportError(f"the parity text has {len(ids)} tokens, fewer than the {n_prompt} asked for")
-    session = OnnxDecoder(graph, cfg, threads=torch.get_num_threads(), kv=config.kv)
+    threads = torch.get_num_threads()
+    if cfg.mla is None and not config.media_placeholders:
+        session: OnnxDecoder | _Session = OnnxDecoder(graph, cfg, threads=threads, kv=config.kv)
+    else:
+        session = _Session(graph, threads, append=cfg.mla is not None or config.kv == "int8")
     onnx_logits = session.step(np.array([ids]))[0, -1]
     if config.kv == "int8":  # the graph codes its cache as omni_kv's int8 cache does: compare with that
         from omni_kv import CacheSpec
@@ -193,7 +209,61 @@ def measure_parity(lm, graph: Path, cfg, config: ExportConfig, text: str | None)
             "reference": "omni_model PyTorch decoder, float32" + (", omni_kv int8 cache" if config.kv == "int8" else "")}  # fmt: skip
 
 
+class _Session:
+    """The parity loop for graphs session.OnnxDecoder does not know: latent caches (present outputs
+    hold the new tokens only, appended here) and a media_embeds input (zeros: text only). Cache
+    shapes and types come from the graph's inputs."""
+
+    def __init__(self, graph: Path, threads: int, append: bool) -> None:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past = {name: np.zeros((1, i.shape[1], 0, i.shape[3]), types[i.type])
+                     for name, i in self.inputs.items() if name.startswith("past_key_values.")}  # fmt: skip
+        self.append, self.last_all = append, np.zeros((0,))
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """Logits (1, T, V) of the new tokens `ids` (1, T); the cache advances."""
+        t = ids.shape[1]
+        total = t + next(iter(self.past.values())).shape[2]
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, total), np.int64),
+                 "logits_to_keep": np.array(0, np.int64), **self.past}  # fmt: skip
+        if "media_embeds" in self.inputs:
+            feeds["media_embeds"] = np.zeros((1, t, self.inputs["media_embeds"].shape[2]), np.float32)
+        names = [o.name for o in self.session.get_outputs()]
+        out = dict(zip(names, self.session.run(None, feeds), strict=True))
+        for name, old in self.past.items():
+            new = out[name.replace("past_key_values.", "present.", 1)]
+            self.past[name] = np.concatenate([old, new], axis=2) if self.append else new
+        self.last_all = out["logits"][0]
+        return out["logits"]
+
+
+def _quantize_experts(weights: dict[str, Weight], cfg, bits: int, block_size: int, symmetric: bool) -> int:
+    """Replace each MoE layer's stacked experts (in place) by the two wide quantized matrices the graph
+    runs them as (onnx_sparse.wide_experts); returns how many tensors were quantized."""
+    n = 0
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}.mlp.experts."
+        if not cfg.is_moe_layer(i) or not isinstance(weights.get(p + "gate_up_proj"), np.ndarray):
+            continue
+        w1, w2 = wide_experts(weights[p + "gate_up_proj"], weights[p + "down_proj"])  # type: ignore[arg-type]
+        weights[p + "gate_up_proj"] = QuantLinear(quantize_blockwise(w1, bits, block_size, symmetric))
+        weights[p + "down_proj"] = QuantLinear(quantize_blockwise(w2, bits, block_size, symmetric))
+        n += 2
+    return n
+
+
 def _kv_manifest(cfg, kv: str) -> dict[str, Any]:
+    if cfg.mla is not None:  # check_supported refuses an int8 cache here
+        return {"layout": "latent", "n_layers": cfg.n_layers, "latent_dim": cfg.mla.kv_lora_rank,
+                "rope_dim": cfg.mla.qk_rope_head_dim, "dtype": kv, "bytes_per_token": cfg.kv_bytes_per_token(4),
+                "inputs": "past_key_values.{i}.key: normed latents (batch, 1, capacity, latent_dim); .value: rotated "
+                          "shared keys (batch, 1, capacity, rope_dim); the graph reads the first total_sequence - "
+                          "sequence positions",
+                "outputs": "present.{i}.key|value: the new tokens only; the runtime appends them"}  # fmt: skip
     out = {"n_layers": cfg.n_layers, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_size, "dtype": kv}
     if kv == "int8":
         from omni_kv import CacheSpec

@@ -12,7 +12,8 @@ the last k); `past_key_values.{i}.key|value` (batch, kv_heads, past_sequence, he
 `logits` (batch, kept positions, vocab) float32, `hidden_states` (batch, kept positions, dim), the
 final-normed states the head reads (what Medusa-style draft heads take), and `present.{i}.key|value`. When a runtime binds
 a past buffer of max_sequence positions to its present output as well, GroupQueryAttention writes
-the new entries in place: decode copies nothing (omni_runtime does this).
+the new entries in place: decode copies nothing (omni_runtime does this). Latent attention (MLA),
+MoE layers and the `media_embeds` input (GraphOptions.media_placeholders) are built in onnx_sparse.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from onnx import TensorProto
 
 from omni_export.errors import UnsupportedExportError
 from omni_export.graph import MS, Graph
+from omni_export.onnx_sparse import SparseLayers
 from omni_export.weights import Weight, concat_rows
 from omni_model.config import ModelConfig
 
@@ -42,8 +44,18 @@ class GraphOptions:
     accuracy_level: int = 4  # MatMulNBits: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute
     max_seq_len: int = 2048  # rows of the rotary tables: the longest sequence the graph serves
     kv: KVFormat = "float32"  # the cache's format at the graph's inputs and outputs
+    # Token ids whose embeddings come from a `media_embeds` input (B, T, D) instead of the table:
+    # the placeholders omni_model.multimodal.splice fills with encoder features. () = no such input.
+    media_placeholders: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        ph = self.media_placeholders
+        if not isinstance(ph, tuple) or any(
+            isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ph
+        ):
+            raise UnsupportedExportError(
+                f"media_placeholders must be a tuple of token ids (non-negative integers), got {ph!r}"
+            )
         if self.kv not in ("float32", "int8"):
             raise UnsupportedExportError(f"the KV cache format must be float32 or int8, got {self.kv!r}")
         if self.weights not in ("float32", "float16", "int8", "int4"):
@@ -64,10 +76,13 @@ def check_supported(cfg: ModelConfig, opts: GraphOptions | None = None) -> None:
         and any(cfg.window_of(i) is not None for i in range(cfg.n_layers))
     ):
         raise UnsupportedExportError("an int8 KV cache is not supported with sliding-window attention yet")
-    if cfg.mla is not None:
-        raise UnsupportedExportError("latent attention (MLA) models are not supported by the ONNX export yet")
-    if cfg.moe is not None:
-        raise UnsupportedExportError("mixture-of-experts models are not supported by the ONNX export yet")
+    if opts is not None and opts.kv == "int8" and cfg.mla is not None:
+        raise UnsupportedExportError("an int8 KV cache is not supported with latent attention (MLA) yet")
+    if opts is not None and any(t >= cfg.vocab_size for t in opts.media_placeholders):
+        raise UnsupportedExportError(
+            f"media_placeholders {sorted(opts.media_placeholders)} reach past the vocabulary "
+            f"(0..{cfg.vocab_size - 1})"
+        )
     if cfg.rope.type == "dynamic":
         raise UnsupportedExportError(
             "rope type 'dynamic' is not supported by the ONNX export (its frequencies depend on the length)"
@@ -83,7 +98,7 @@ def rope_tables(cfg: ModelConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.cos(freqs) * scale).astype(np.float32), (np.sin(freqs) * scale).astype(np.float32)
 
 
-class _Builder:
+class _Builder(SparseLayers):
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, Weight], opts: GraphOptions) -> None:
         self.cfg, self.w, self.opts = cfg, weights, opts
         self.g = Graph("omnicoder_decoder")
@@ -153,35 +168,45 @@ class _Builder:
         g.output("logits", TensorProto.FLOAT, ["batch", "kept_sequence", cfg.vocab_size])
         past: list = []
         for i in range(cfg.n_layers):
+            if cfg.mla is not None:
+                past.append(self.latent_past(i))
+                continue
             if self.opts.kv == "int8":
                 past.append(self.int8_past(i))
                 continue
             shape = ["batch", hkv, "past_sequence", dh]
             past.append((g.input(f"past_key_values.{i}.key", TensorProto.FLOAT, shape),
                          g.input(f"past_key_values.{i}.value", TensorProto.FLOAT, shape)))  # fmt: skip
-        # GroupQueryAttention's view of the lengths: index of each row's last token, and the total.
-        lens = g.op("ReduceSum", [mask, g.const("axis1", np.array([1], np.int64))], keepdims=0)
-        seqlens_k = g.op(
-            "Cast", [g.op("Sub", [lens, g.const("one", np.array(1, np.int64))])], to=TensorProto.INT32
-        )
-        total = g.op("Cast", [g.op("Gather", [g.op("Shape", [mask]), g.const("idx1", np.array(1, np.int64))])],
-                     to=TensorProto.INT32)  # fmt: skip
+        plain = self.opts.kv == "int8" or cfg.mla is not None  # attention from plain operators
+        seqlens_k = total = ""
+        if not plain:
+            # GroupQueryAttention's view of the lengths: index of each row's last token, and the total.
+            lens = g.op("ReduceSum", [mask, g.const("axis1", np.array([1], np.int64))], keepdims=0)
+            seqlens_k = g.op(
+                "Cast", [g.op("Sub", [lens, g.const("one", np.array(1, np.int64))])], to=TensorProto.INT32
+            )
+            total = g.op("Cast", [g.op("Gather", [g.op("Shape", [mask]), g.const("idx1", np.array(1, np.int64))])],
+                         to=TensorProto.INT32)  # fmt: skip
         cos, sin = rope_tables(cfg, self.opts.max_seq_len)
         cos_name, sin_name = g.const("rope.cos", cos), g.const("rope.sin", sin)
-        if self.opts.kv == "int8":
+        if plain:
             self.lengths(ids, mask)
 
         x = self.embed(ids)  # (B, S, D) residual stream
+        if self.opts.media_placeholders:
+            x = self.splice_media(ids, x, self.opts.media_placeholders)
         h = g.op("SimplifiedLayerNormalization", [x, self.vector("layers.0.input_layernorm.weight")],
                  axis=-1, epsilon=cfg.norm_eps)  # fmt: skip
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
-            if self.opts.kv == "int8":
+            if cfg.mla is not None:
+                attn = self.attention_latent(i, h, past[i], cos_name, sin_name)
+            elif self.opts.kv == "int8":
                 attn = self.attention_int8(i, h, past[i], cos_name, sin_name)
             else:
                 attn = self.attention(i, h, past[i], seqlens_k, total, cos_name, sin_name)
             h, x = self.skip_norm(attn, x, p + "post_attention_layernorm.weight")
-            mlp = self.mlp(p, h)
+            mlp = self.moe(p, h) if cfg.is_moe_layer(i) else self.mlp(p + "mlp.", h)
             nxt = f"layers.{i + 1}.input_layernorm.weight" if i + 1 < cfg.n_layers else "norm.weight"
             h, x = self.skip_norm(mlp, x, nxt)
         starts = g.op("Neg", [g.op("Reshape", [keep, g.const("shape1", np.array([1], np.int64))])])
@@ -393,20 +418,22 @@ class _Builder:
         )
         return g.op("Reshape", [normed, g.const("merge_heads", np.array([0, 0, -1], np.int64))])
 
-    def mlp(self, p: str, h: str) -> str:
+    def mlp(self, prefix: str, h: str) -> str:
+        """The SwiGLU whose weights are `prefix`{gate,up,down}_proj.weight."""
         g, w = self.g, self.w
         gate_up = self.fused_linear(
-            h, [w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]], p + "mlp.gate_up_proj"
+            h, [w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"]], prefix + "gate_up_proj"
         )
         gate, up = g.op("Split", [gate_up], outputs=2, axis=-1, num_outputs=2)
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
-        return self.linear(act, w[p + "mlp.down_proj.weight"], p + "mlp.down_proj")
+        return self.linear(act, w[prefix + "down_proj.weight"], prefix + "down_proj")
 
 
 def build_decoder_graph(
     cfg: ModelConfig, weights: Mapping[str, Weight], opts: GraphOptions, key_scales: np.ndarray | None = None
 ) -> onnx.ModelProto:
-    """The decoder `cfg` with `weights` (plain module names -> float arrays or packed weights).
+    """The decoder `cfg` with `weights` (plain module names -> float arrays or packed weights; an MoE
+    layer's experts stacked as the checkpoint has them, or packed in onnx_sparse.wide_experts' layout).
     `key_scales` (n_layers, n_kv_heads, head_dim), int8 KV only: per-channel divisors applied to keys
     before coding and undone after decoding (omni_kv.calibration's `key_scales`)."""
     check_supported(cfg, opts)

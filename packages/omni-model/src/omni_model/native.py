@@ -18,6 +18,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,10 +44,12 @@ def save(
     *,
     tokenizer: Tokenizer | None = None,
     meta: dict[str, Any] | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write `model` (plain form), its config and `tokenizer` to `folder`, atomically; returns the folder.
 
-    `meta` (JSON: what trained it, on what data) is stored as given. An existing `folder` is replaced
+    `meta` (JSON: what trained it, on what data) is stored as given; `extra(tmp)` may write more files
+    into the new folder before it is put in place (a multimodal model's encoders and tokenizers). An existing `folder` is replaced
     only when it is an omnicoder checkpoint, and only once the new one is complete."""
     if not isinstance(model, Decoder):
         raise TypeError(f"save takes a Decoder (LoadedModel.model), got {type(model).__name__}")
@@ -64,6 +67,8 @@ def save(
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
+        if extra is not None:
+            extra(tmp)
         (tmp / MANIFEST).write_text(text, encoding="utf-8")
     return out
 

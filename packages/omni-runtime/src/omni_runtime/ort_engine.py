@@ -7,7 +7,10 @@ no cache: a step moves the new token's ids in and one row of logits out. The att
 width tells the graph how many cached tokens are valid; rolling back is moving that mark. An export
 with an int8 cache (manifest kv.dtype "int8") takes uint8 codes with float16 scales and offsets: the
 engine binds its buffers as the graph's past inputs and copies the new tokens' codes in after each
-call (a few hundred bytes per token and layer).
+call (a few hundred bytes per token and layer). Latent-attention exports (manifest kv.layout "latent")
+work the same way with float32 buffers: per layer, (1, 1, max_seq_len, latent_dim) latents as `key`
+and (1, 1, max_seq_len, rope_dim) rotary keys as `value`. A graph with a `media_embeds` input takes
+encoder features for its placeholder tokens through `forward(..., media_embeds=)`; zeros otherwise.
 """
 
 from __future__ import annotations
@@ -40,13 +43,18 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise EngineError(f"{path}: not an OmniCoder ONNX manifest (format is not {FORMAT!r})")
     try:
         kv, cfg = m["kv"], m["config"]
-        for key in ("n_layers", "n_kv_heads", "head_dim"):
-            if not isinstance(kv[key], int) or kv[key] <= 0:
+        layout = kv.get("layout", "heads")  # manifests before latent attention have no layout: heads
+        if layout not in ("heads", "latent"):
+            raise EngineError(f"{path}: kv.layout must be 'heads' or 'latent', got {layout!r}")
+        sizes = ("n_kv_heads", "head_dim") if layout == "heads" else ("latent_dim", "rope_dim")
+        for key in ("n_layers", *sizes):
+            if not isinstance(kv[key], int) or isinstance(kv[key], bool) or kv[key] <= 0:
                 raise EngineError(f"{path}: kv.{key} must be a positive integer, got {kv[key]!r}")
         if not isinstance(m["max_seq_len"], int) or m["max_seq_len"] <= 0:
             raise EngineError(f"{path}: max_seq_len must be a positive integer, got {m['max_seq_len']!r}")
-        if not isinstance(cfg["vocab_size"], int) or cfg["vocab_size"] <= 0:
-            raise EngineError(f"{path}: config.vocab_size must be a positive integer")
+        for key in ("vocab_size", "dim"):
+            if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] <= 0:
+                raise EngineError(f"{path}: config.{key} must be a positive integer")
         graph = m["graph"]
         if not isinstance(graph, str) or "/" in graph or "\\" in graph or graph.startswith("."):
             raise EngineError(f"{path}: graph must be a file name inside the folder, got {graph!r}")
@@ -99,19 +107,29 @@ class OrtEngine:
         self.n_layers, self.vocab_size = kv["n_layers"], m["config"]["vocab_size"]
         self.max_seq_len = min(max_seq_len or m["max_seq_len"], m["max_seq_len"])
         self.kv_dtype = kv.get("dtype", "float32")
-        if self.kv_dtype not in KV_PARTS:
+        self.kv_layout = kv.get("layout", "heads")
+        if self.kv_dtype not in KV_PARTS or (self.kv_layout == "latent" and self.kv_dtype != "float32"):
             raise EngineError(
-                f"{self.folder / MANIFEST}: kv.dtype must be float32 or int8, got {self.kv_dtype!r}"
+                f"{self.folder / MANIFEST}: kv.dtype must be float32 or int8 (float32 for a latent cache), "
+                f"got {self.kv_dtype!r}"
             )
+        self.dim = m["config"]["dim"]
         self._check_io()
-        h, d = kv["n_kv_heads"], kv["head_dim"]
-        # float32: one buffer per layer for keys and one for values, bound as past and present (the graph
-        # writes in place). int8: codes and float16 scales/offsets per token; the graph reads the buffers
-        # and returns only the new tokens' codes, which are copied in after each call.
+        # float32 heads: one buffer per layer for keys and one for values, bound as past and present (the
+        # graph writes in place). int8 and latent: the graph reads the buffers and returns only the new
+        # tokens' entries, which are copied in after each call.
+        self._append = self.kv_dtype == "int8" or self.kv_layout == "latent"
+        if self.kv_layout == "latent":
+            widths = {"key": (1, kv["latent_dim"]), "value": (1, kv["rope_dim"])}
+        else:
+            widths = {
+                part: (kv["n_kv_heads"], 1 if "_" in part else kv["head_dim"])
+                for part in KV_PARTS[self.kv_dtype]
+            }
         self._buffers = [
-            {part: np.zeros((1, h, self.max_seq_len, 1 if "_" in part else d),
+            {part: np.zeros((1, h, self.max_seq_len, d),
                             {"float32": np.float32, "int8": np.float16 if "_" in part else np.uint8}[self.kv_dtype])
-             for part in KV_PARTS[self.kv_dtype]}
+             for part, (h, d) in widths.items()}
             for _ in range(self.n_layers)
         ]  # fmt: skip
         self._kv = [
@@ -124,6 +142,8 @@ class OrtEngine:
         self._len = 0
         self._mask = np.ones((1, self.max_seq_len), np.int64)
         self._keep = {True: np.array(1, np.int64), False: np.array(0, np.int64)}
+        # media_embeds rows for text-only calls (decode steps): zeros, never read at text positions
+        self._no_media = np.zeros((1, prefill_chunk if self.has_media else 0, self.dim), np.float32)
         # Calls that keep only the last position's logits (every decode step) share one binding made
         # once: cache buffers as past and present, and a preallocated (1, 1, V) logits buffer; a step
         # rebinds only the three small inputs.
@@ -152,10 +172,10 @@ class OrtEngine:
         for i, layer in enumerate(self._kv):
             for part, value in layer.items():
                 b.bind_ortvalue_input(f"past_key_values.{i}.{part}", value)
-                if self.kv_dtype == "float32":
+                if not self._append:
                     b.bind_ortvalue_output(f"present.{i}.{part}", value)
                 else:
-                    b.bind_output(f"present.{i}.{part}", "cpu")  # the new tokens' codes, appended by _run
+                    b.bind_output(f"present.{i}.{part}", "cpu")  # the new tokens' entries, appended by _run
         return b
 
     def _check_io(self) -> None:
@@ -168,6 +188,8 @@ class OrtEngine:
         want_out = {"logits"} | {f"present.{i}.{kv}" for i in range(self.n_layers) for kv in parts}
         self.has_hidden = "hidden_states" in outputs  # exports before speculative decoding lack it
         outputs.discard("hidden_states")
+        self.has_media = "media_embeds" in inputs  # exports with media placeholders
+        inputs.discard("media_embeds")
         if inputs != want_in or outputs != want_out:
             missing = sorted((want_in - inputs) | (want_out - outputs)) or sorted(
                 (inputs - want_in) | (outputs - want_out)
@@ -180,19 +202,26 @@ class OrtEngine:
     def seq_len(self) -> int:
         return self._len
 
-    def forward(self, ids: Sequence[int], last_only: bool = True) -> np.ndarray:
+    def forward(
+        self, ids: Sequence[int], last_only: bool = True, media_embeds: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Append `ids`; return their logits. `media_embeds` (T, D) or (1, T, D): the rows that replace
+        the embeddings of placeholder tokens (rows at other positions are not read); None: zeros."""
         x = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         self._check(x)
+        media = self._media(media_embeds, x.shape[1])
         n = x.shape[1]
         if n > self.prefill_chunk:
             c = self.prefill_chunk
-            parts = [self._run(x[:, s : s + c], last_only) for s in range(0, n, c)]
+            parts = [self._run(x[:, s : s + c], last_only, _rows(media, s, c)) for s in range(0, n, c)]
             return parts[-1] if last_only else np.concatenate(parts)
-        return self._run(x, last_only)
+        return self._run(x, last_only, media)
 
-    def forward_hidden(self, ids: Sequence[int], last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def forward_hidden(
+        self, ids: Sequence[int], last_only: bool = False, media_embeds: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Append `ids`; return their logits (T, V) and final-normed hidden states (T, D), or the last
-        position's (1, V) and (1, D) with `last_only`."""
+        position's (1, V) and (1, D) with `last_only`; `media_embeds` as in forward."""
         if not self.has_hidden:
             raise EngineError(
                 f"{self.folder}: the graph has no hidden_states output (exported before speculative decoding; "
@@ -200,9 +229,12 @@ class OrtEngine:
             )
         x = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         self._check(x)
+        media = self._media(media_embeds, x.shape[1])
         logits, hidden = [], []
         for s in range(0, x.shape[1], self.prefill_chunk):
-            logits.append(self._run(x[:, s : s + self.prefill_chunk], last_only))
+            logits.append(
+                self._run(x[:, s : s + self.prefill_chunk], last_only, _rows(media, s, self.prefill_chunk))
+            )
             hidden.append(self._hidden)
         if last_only:
             return logits[-1], hidden[-1]
@@ -217,17 +249,36 @@ class OrtEngine:
         if x.min() < 0 or x.max() >= self.vocab_size:
             raise EngineError(f"token ids must be in 0..{self.vocab_size - 1}")
 
-    def _run(self, x: np.ndarray, last_only: bool) -> np.ndarray:
+    def _media(self, media: np.ndarray | None, n: int) -> np.ndarray | None:
+        """`media` checked and shaped (1, n, D) float32, or None."""
+        if media is None:
+            return None
+        if not self.has_media:
+            raise EngineError(
+                f"{self.folder}: the graph takes no media_embeds (exported without media placeholders)"
+            )
+        a = np.asarray(media)
+        if a.ndim == 2:
+            a = a[None]
+        if a.shape != (1, n, self.dim) or not np.issubdtype(a.dtype, np.floating):
+            raise EngineError(
+                f"media_embeds must be float ({n}, {self.dim}) for {n} tokens, got {a.dtype} {tuple(np.shape(media))}"
+            )
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    def _run(self, x: np.ndarray, last_only: bool, media: np.ndarray | None = None) -> np.ndarray:
         n = x.shape[1]
         b = self._last_binding if last_only else self._bind(None)
         b.bind_cpu_input("input_ids", x)
         b.bind_cpu_input("attention_mask", self._mask[:, : self._len + n])
         b.bind_cpu_input("logits_to_keep", self._keep[last_only])
-        if self.kv_dtype == "int8":  # fresh outputs each call: the new tokens' count varies
+        if self.has_media:
+            b.bind_cpu_input("media_embeds", self._no_media[:, :n] if media is None else media)
+        if self._append:  # fresh outputs each call: the new tokens' count varies
             for name in self._present_names:
                 b.bind_output(name, "cpu")
         self.session.run_with_iobinding(b)
-        if self.kv_dtype == "int8":  # outputs in binding order: logits, hidden states, each layer's parts
+        if self._append:  # outputs in binding order: logits, hidden states, each layer's parts
             new = iter(b.get_outputs()[1 + self.has_hidden :])
             for layer in self._buffers:
                 for a in layer.values():
@@ -249,3 +300,7 @@ class OrtEngine:
 
     def reset(self) -> None:
         self._len = 0
+
+
+def _rows(media: np.ndarray | None, start: int, n: int) -> np.ndarray | None:
+    return None if media is None else np.ascontiguousarray(media[:, start : start + n])
