@@ -357,6 +357,7 @@ def suites() -> dict[str, Suite]:
         bench_media,
         bench_mla,
         bench_moe,
+        bench_omni,
         bench_onnx,
         bench_phone,
         bench_retrieval,
@@ -431,6 +432,13 @@ def suites() -> dict[str, Suite]:
         cls = bench_build.BuildBenchConfig
         return cls.quick_config(**given) if a.quick else cls(**given)
 
+    def omni_config(a: argparse.Namespace) -> bench_omni.OmniBenchConfig:
+        given = {k: getattr(a, k) for k in ("threads", "budget_hours", "rounds") if getattr(a, k) is not None}
+        if getattr(a, "from_run", None) is not None:
+            given["source"] = a.from_run
+        cls = bench_omni.OmniBenchConfig
+        return cls.quick_config(**given) if a.quick else cls(**given)
+
     return {
         "smollm2": Suite(SECTION, smollm2_config, run_bench, render_section),
         "moe": Suite(bench_moe.SECTION, moe_config, bench_moe.run_moe_bench, bench_moe.render_moe_section),
@@ -469,6 +477,9 @@ def suites() -> dict[str, Suite]:
         "media": Suite(
             bench_media.SECTION, media_config, bench_media.run_media_bench, bench_media.render_media_section
         ),
+        "omni": Suite(
+            bench_omni.SECTION, omni_config, bench_omni.run_omni_bench, bench_omni.render_omni_section
+        ),
     }
 
 
@@ -493,6 +504,9 @@ def parse_args(argv: Sequence[str]) -> BenchArgs:
         "--peer-python", default=None,
         help="onnx: the Python of the benchmark-only peer environment (default .venv-peers/bin/python).",
     )  # fmt: skip
+    p.add_argument("--budget-hours", type=float, default=None, help="omni: the recipe's wall-clock budget.")
+    p.add_argument("--from-run", type=Path, default=None,
+                   help="omni: a finished `press-play train omni` folder whose figures to render.")  # fmt: skip
     p.add_argument(
         "--quick", action="store_true", help="Small and few, every suite; writes no file unless --out."
     )

@@ -23,16 +23,19 @@ def export(
     fmt: Annotated[
         str,
         typer.Option(
-            "--format", help="onnx (ONNX Runtime), or executorch (.pte for XNNPACK on Android/iOS CPUs)."
+            "--format",
+            help="onnx (ONNX Runtime), executorch (.pte for XNNPACK on Android/iOS CPUs), or omni (a press-play "
+            "train omni folder: decoder, media encoders and decoders, one bundle for ONNX Runtime).",
         ),
     ] = "onnx",
     weights: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--weights",
-            help="onnx: float32, float16, int8 or int4; executorch: float32 or int4 (8-bit dynamic activations).",
+            help="onnx: float32, float16, int8 or int4; executorch: float32 or int4 (8-bit dynamic activations); "
+            "omni: the decoder's, as onnx. [dim]Default: int4; omni float32.[/dim]",
         ),
-    ] = "int4",
+    ] = None,
     block_size: Annotated[
         int, typer.Option("--block-size", help="Quantization block along K: 16..256.")
     ] = 32,
@@ -64,8 +67,12 @@ def export(
     """Export a model to a folder an on-device runtime opens (graph or program, tokenizer, manifest with
     parity figures against PyTorch)."""
     with reporting_errors():
-        if fmt not in ("onnx", "executorch"):
-            raise DataError(f"--format {fmt}: not supported (supported: onnx, executorch)")
+        if fmt not in ("onnx", "executorch", "omni"):
+            raise DataError(f"--format {fmt}: not supported (supported: onnx, executorch, omni)")
+        if fmt == "omni":
+            export_omni_bundle(model, out_dir, weights or "float32", max_seq_len, kv, kv_calibration)
+            return
+        weights = weights or "int4"
         columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
         with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("export", total=5)
@@ -101,3 +108,32 @@ def export(
     out.print(
         f'run it: [cyan]press-play generate --model {escape(str(out_dir))} "Hello"[/cyan]', soft_wrap=True
     )
+
+
+def export_omni_bundle(model: str, out_dir: Path, weights: str, max_seq_len: int | None, kv: str,
+                       kv_calibration: Path | None) -> None:  # fmt: skip
+    """`--format omni`: omni_export.omni.export_omni, with its parity figures."""
+    from omni_export.omni import export_omni
+
+    if max_seq_len is not None or kv != "float32" or kv_calibration is not None:
+        raise DataError("--format omni keeps the model's context and a float32 latent cache "
+                        "(no --max-seq-len, --kv or --kv-calibration)")  # fmt: skip
+    columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("export", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        manifest = export_omni(model, out_dir, weights, progress)
+    p = manifest["parity"]
+    out.print(f"wrote [bold]{escape(str(out_dir))}[/bold]: {manifest['bytes'] / 1e6:.1f} MB, {weights} decoder, "
+              f"{len(manifest['graphs'])} media graphs", soft_wrap=True)  # fmt: skip
+    err.print(
+        f"[dim]parity against PyTorch: decoder max |logits diff| {p['decoder']['max_abs_logits_diff_prefill']:.2e}, "
+        f"with media {p['media_prefill']['max_abs_logits_diff']:.2e}; media graphs at most "
+        f"{max(p['graphs'].values()):.2e}[/dim]",
+        soft_wrap=True,
+    )
+    out.print(f'run it: [cyan]press-play generate --model {escape(str(out_dir))} --image digit.png '
+              f'"what digit is this?"[/cyan]', soft_wrap=True)  # fmt: skip

@@ -138,9 +138,43 @@ def generate(
     draft_tokens: Annotated[
         int, typer.Option("--draft-tokens", help="Most drafts one forward verifies (1..16).")
     ] = 4,
+    image: Annotated[
+        Path | None,
+        typer.Option("--image", help="Omni bundle: an image to ask about (read as 28 x 28 grey, resized)."),
+    ] = None,
+    audio: Annotated[
+        Path | None, typer.Option("--audio", help="Omni bundle: a WAV of speech to ask about (up to 3 s).")
+    ] = None,
+    video: Annotated[
+        Path | None,
+        typer.Option("--video", help="Omni bundle: an MP4 clip (frames and sound track) to ask about."),
+    ] = None,
+    output_modality: Annotated[
+        str | None,
+        typer.Option(
+            "--output-modality",
+            help="Omni bundle: answer with an image, audio or video (sampled at --temperature, --seed) "
+            "written to --output; text answers are greedy.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="With --output-modality: the PNG, WAV or MP4 to write.")
+    ] = None,
 ) -> None:
-    """Generate text from a prompt, streamed to stdout; tokens/s goes to stderr."""
+    """Generate text from a prompt, streamed to stdout; tokens/s goes to stderr. An omni bundle (press-play
+    export --format omni) also takes --image, --audio and --video, and answers in --output-modality."""
     with reporting_errors():
+        media = {"--image": image, "--audio": audio, "--video": video, "--output-modality": output_modality,
+                 "--output": output}  # fmt: skip
+        if is_omni_bundle(model) or any(v is not None for v in media.values()):
+            others = {"--kv": kv, "--knn": knn, "--rag": rag, "--speculative": speculative}
+            if used := [k for k, v in others.items() if v is not None]:
+                raise DataError(f"{', '.join(used)}: not for an omni bundle")
+            if engine not in ("auto", "onnx"):
+                raise DataError(f"--engine {engine}: an omni bundle runs with onnx")
+            generate_omni(model, prompt, image, audio, video, output_modality, output, max_new_tokens,
+                          temperature, seed or 0)  # fmt: skip
+            return
         config = SamplingConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop or ()),
@@ -170,3 +204,89 @@ def generate(
             err.print(
                 f"[dim][{i}] {escape(Path(src.file).name)}, token {src.start}, score {src.score:.3f}[/dim]"
             )
+
+
+OMNI_OUTPUTS = {"image": (".png",), "audio": (".wav",), "video": (".mp4", ".mov", ".mkv")}
+
+
+def is_omni_bundle(source: str) -> bool:
+    """A folder press-play export --format omni wrote (omni_runtime.omni.MANIFEST; not imported for
+    text models, which do not need onnxruntime loaded to ask)."""
+    return (Path(source) / "omni-bundle.json").is_file()
+
+
+def generate_omni(bundle: str, prompt: str, image: Path | None, audio: Path | None, video: Path | None,
+                  modality: str | None, output: Path | None, max_new_tokens: int, temperature: float,
+                  seed: int) -> None:  # fmt: skip
+    """An omni bundle's answer: text on stdout, or an image, speech or a clip written to `output`."""
+    import time
+
+    from omni_runtime.omni import OmniRuntime
+    from press_play.common import out, settings
+
+    if not is_omni_bundle(bundle):
+        raise DataError(f"--image, --audio, --video and --output-modality take an omni bundle (press-play export "
+                        f"--format omni); {bundle} is not one")  # fmt: skip
+    if (modality is None) != (output is None):
+        raise DataError("--output-modality and --output go together")
+    if modality is not None:
+        if modality not in OMNI_OUTPUTS:
+            raise DataError(f"--output-modality {modality}: must be image, audio or video")
+        if output.suffix.lower() not in OMNI_OUTPUTS[modality]:  # type: ignore[union-attr]
+            raise DataError(
+                f"--output {output}: a {modality} is written as {' or '.join(OMNI_OUTPUTS[modality])}"
+            )
+        if image is not None or audio is not None or video is not None:
+            raise DataError(
+                "--output-modality answers a text prompt; it does not take --image, --audio or --video"
+            )
+    if temperature < 0:
+        raise DataError(f"--temperature {temperature}: must be >= 0")
+    with err.status(f"opening {escape(bundle)} with ONNX Runtime"):
+        rt = OmniRuntime(bundle, threads=settings.threads)
+    t0 = time.perf_counter()
+    if modality is None:
+        ids = rt.answer_ids(prompt, image, audio, video, max_new_tokens)
+        write(rt.tokenizer.decode([i for i in ids if i < rt.text_vocab], skip_special_tokens=True) + "\n")
+        err.print(f"[dim]{len(ids)} tokens in {time.perf_counter() - t0:.2f}s[/dim]", soft_wrap=True)
+        return
+    result = rt.generate_media(prompt, modality, seed=seed, temperature=temperature)[0]  # type: ignore[arg-type]
+    took = time.perf_counter() - t0
+    _write_media(output, modality, result, rt)  # type: ignore[arg-type]
+    what = {"image": lambda r: f"{r.shape[1]} x {r.shape[0]} image",
+            "audio": lambda r: f"{len(r)} spoken word{'s' * (len(r) != 1)}",
+            "video": lambda r: f"{len(r)} frames of {r.shape[2]} x {r.shape[1]}"}[modality](result)  # fmt: skip
+    out.print(f"wrote {escape(str(output))}: {what}", soft_wrap=True)
+    err.print(f"[dim]generated in {took:.2f}s[/dim]", soft_wrap=True)
+
+
+def _write_media(path: Path, modality: str, x, rt) -> None:
+    """PNG, WAV (the words one after another, 0.1 s apart) or MP4 at the bundle's frame rate."""
+
+    import numpy as np
+
+    from omni_media.errors import MediaError
+
+    if modality == "audio":
+        from omni_runtime.omni import write_wav
+
+        rate = rt.layout["audio"]["sample_rate"]
+        gap = np.zeros((len(x), rate // 10), np.float32)
+        write_wav(path, np.concatenate([x, gap], axis=1).reshape(-1)[: -rate // 10], rate)
+    elif modality == "video":
+        from omni_media.video import write_video
+
+        try:
+            write_video(path, x, fps=rt.layout["video"]["fps"])
+        except MediaError as e:
+            raise DataError(str(e)) from None
+    else:
+        from PIL import Image
+
+        from omni_model.files import writing_file
+
+        try:
+            with writing_file(path, ".png") as tmp:
+                Image.fromarray(x, mode="L").save(tmp, format="PNG")
+        except OSError as e:
+            raise DataError(f"{path}: cannot write: {' '.join(str(e).split())[:200]}") from None

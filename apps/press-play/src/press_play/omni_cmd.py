@@ -186,11 +186,12 @@ def save_omni(run: OmniRun, out: Path) -> None:
         save_verifier(run.verifier, tmp / "verifier.safetensors")
         (tmp / MARKER).write_text(json.dumps(run.figures, indent=1, default=str) + "\n")
 
+    from omni_train import omni_data as od
+
     vocab = media_vocab()
-    meta = {
-        "omni": {
-            "config": dataclasses.asdict(run.model.config),
-            "media_vocab": {"text_vocab": vocab.text_vocab, "codebooks": [list(c) for c in vocab.codebooks]},
-        }
-    }
+    layout = {"image_size": 28, "prompt_seconds": int(od.SEQ_SECONDS), "word_seconds": int(od.WORD_SECONDS),
+              "word_frames": od.WORD_FRAMES, "max_words": 3, "clip_frames": od.CLIP_FRAMES, "clip_size": od.CLIP_SIZE,
+              "input_frames": list(od.INPUT_FRAMES), "keyframes": od.KEYFRAMES, "key_every": od.KEY_EVERY}  # fmt: skip
+    meta = {"omni": {"config": dataclasses.asdict(run.model.config), "layout": layout,  # what a runtime must know
+                     "media_vocab": {"text_vocab": vocab.text_vocab, "codebooks": [list(c) for c in vocab.codebooks]}}}  # fmt: skip
     save(run.model.decoder, out, tokenizer=make_tokenizer(), meta=meta, extra=extra)

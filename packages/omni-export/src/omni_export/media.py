@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from omni_export.errors import ExportError
 from omni_media.audio import MelConfig
 from omni_media.codec import AudioCodec
+from omni_media.encoders import ClipEncoder, ImageEncoder, SpeechEncoder
 from omni_media.image import ImageProcessor
 from omni_media.image_tokenizer import ImageTokenizer
 from omni_media.interpolate import KeyframeInterpolator
@@ -162,6 +163,35 @@ def codec_graphs(codec: AudioCodec, seconds: float = 1.0, batch: int = 2) -> lis
         MediaGraph("audio_decoder", codec.decoder_module().eval(), {"tokens": tokens}, ("waveform",),
                    {"tokens": {0: "batch", 2: "frames"}}, meta),
     ]  # fmt: skip
+
+
+def image_input_graph(encoder: ImageEncoder, image_size: int = 28, batch: int = 2) -> MediaGraph:
+    """A jointly trained image encoder (omni_media.encoders): (B, 1, S, S) grey pixels in [0, 1] -> the
+    (B, g*g, D) embeddings that fill an image's placeholders."""
+    images = torch.rand(batch, 1, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    meta = {"kind": "image_input", "image_size": image_size, "tokens": encoder.n_tokens, "dim": encoder.dim}
+    return MediaGraph("image_input", encoder.eval(), {"images": images}, ("features",),
+                      {"images": {0: "batch"}}, meta)  # fmt: skip
+
+
+def clip_input_graph(
+    encoder: ClipEncoder, frames: int = 3, image_size: int = 40, batch: int = 2
+) -> MediaGraph:
+    """A clip encoder (omni_media.encoders): (B, T, 1, S, S) frames in [0, 1] -> (B, T*g*g, D)."""
+    clips = torch.rand(batch, frames, 1, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    meta = {"kind": "video_input", "frames": frames, "image_size": image_size,
+            "tokens": encoder.n_tokens(frames), "dim": encoder.frames.dim}  # fmt: skip
+    return MediaGraph("video_input", encoder.eval(), {"frames": clips}, ("features",),
+                      {"frames": {0: "batch"}}, meta)  # fmt: skip
+
+
+def speech_input_graph(encoder: SpeechEncoder, frames: int = 300, batch: int = 2) -> MediaGraph:
+    """A speech encoder (omni_media.encoders) on Whisper log-mel (B, 80, frames), frames dynamic ->
+    (B, ceil(frames / 8), D). The log-mel front end (chunk_seconds None: each clip its own length) is in meta."""
+    mel = torch.randn(batch, encoder.n_mels, frames, generator=torch.Generator().manual_seed(0))
+    front = asdict(MelConfig(n_mels=encoder.n_mels, chunk_seconds=None))
+    return MediaGraph("audio_input", encoder.eval(), {"mel": mel}, ("features",),
+                      {"mel": {0: "batch", 2: "frames"}}, {"kind": "audio_input", "mel": front})  # fmt: skip
 
 
 @contextmanager

@@ -82,6 +82,24 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def writing_file(path: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary name beside `path` for the block to write; renamed onto `path` (mode 0644) when the
+    block ends cleanly, removed when it raises. `suffix` keeps a format's extension for writers that
+    choose by it (Pillow, FFmpeg)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `path` under a temporary name in its folder, then rename it into place (the file keeps the
     old one's mode, or a plain file's)."""
