@@ -118,6 +118,7 @@ def test_arguments_and_command_line():
         "phone",
         "build",
         "media",
+        "omni",
     ]  # every suite by default
     config = args.configs["smollm2"]
     assert config == BenchConfig() and args.out is not None and args.out.name == "BENCHMARKS.md"

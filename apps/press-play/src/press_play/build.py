@@ -177,7 +177,22 @@ def _kv_per_token(fmt: str, manifest: dict[str, Any], cfg: Any) -> int:
 
 def build(config: BuildConfig, on_event: OnEvent | None = None) -> dict[str, Any]:
     """Run the pipeline into `config.out`; return the report (also written there). In a dry run, return
-    the plan: the stages, whether each would be reused, the formats and their expected sizes."""
+    the plan: the stages, whether each would be reused, the formats and their expected sizes.
+
+    torch runs on `config.threads` for the whole build (and is set back after): the export's parity
+    figures are part of its manifest, which later stages' keys hash, and float sums differ with the
+    thread count, so a rebuilt stage must not depend on what the calling process last set."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _build(config, on_event)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build(config: BuildConfig, on_event: OnEvent | None) -> dict[str, Any]:
     out, profile = Path(config.out), config.profile
     emit = on_event or (lambda event: None)
     if out.exists() and not out.is_dir():
