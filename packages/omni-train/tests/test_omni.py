@@ -2,6 +2,7 @@
 placeholders match the encoders, training lowers every task's loss, generation keeps media spans
 whole, and the saved decoder opens with omni_model.load."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -122,7 +123,10 @@ def test_training_lowers_every_tasks_loss(world, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [20, 40, 60] and set(lines[-1]["loss"]) <= set(TASKS)
     with pytest.raises(TrainError, match="another run"):
-        train_omni(model, world, OmniTrainConfig(budget_s=13, warmup_s=1), tmp_path)
+        train_omni(model, world, OmniTrainConfig(budget_s=600, lr=1e-3, max_batch=8, max_steps=60), tmp_path)
+    # a longer budget (a resumed command has its own) goes on from the checkpoint
+    more = train_omni(model, world, dataclasses.replace(config, max_steps=62), tmp_path)
+    assert more["steps"] == 62
 
 
 def test_generation_keeps_spans_whole(world):

@@ -75,13 +75,14 @@ def run_omni(recipe: OmniRecipe, out: Path, media: Path | None = None, config: A
              on_step: Callable[[Any], None] | None = None) -> OmniRun:  # fmt: skip
     """Everything `train omni` does; `out` gets the model folder (atomically) and `out`.work the
     training checkpoint a re-run resumes from."""
-    import numpy as np
     import torch
 
     from omni_media.data import load_mnist
     from omni_media.digits import ClassifierTrainConfig, train_digit_classifier
+    from omni_media.digits import accuracy as image_accuracy
     from omni_media.speech import TEST_VOICES, TRAIN_VOICES, digit_split, train_spoken_digit_classifier
     from omni_media.speech import ClassifierTrainConfig as SpeechClassifierConfig
+    from omni_media.speech import accuracy as speech_accuracy
     from omni_media.verifier import VerifierTrainConfig, train_verifier
     from omni_train.omni import OmniConfig, OmniModel, OmniTrainConfig, train_omni
     from omni_train.omni_data import build_world
@@ -100,9 +101,6 @@ def run_omni(recipe: OmniRecipe, out: Path, media: Path | None = None, config: A
         speech_train, SpeechClassifierConfig(epochs=1 if q else 20, seed=101)
     )
     judges = Judges(judge_image.eval(), judge_speech.eval())
-    from omni_media.digits import accuracy as image_accuracy
-    from omni_media.speech import accuracy as speech_accuracy
-
     judge_figures = {"image_judge_mnist_test": image_accuracy(judge_image, mnist.test_images, mnist.test_labels),
                      "speech_judge_held_out_voices": speech_accuracy(judge_speech, list(speech_test.waves),
                                                                      speech_test.labels)}  # fmt: skip
@@ -149,7 +147,6 @@ def run_omni(recipe: OmniRecipe, out: Path, media: Path | None = None, config: A
                            "encoders": sum(p.numel() for m in model.encoders().values() for p in m.parameters()),
                            "decoder_active_per_token": _active(model.decoder.config)},
                    recipe=dataclasses.asdict(recipe), wall_s=time.monotonic() - t0)  # fmt: skip
-    del np
     run = OmniRun(model, tokenizers, verifier, figures)
     say("saving")
     save_omni(run, out)

@@ -190,10 +190,11 @@ def train_omni(model: OmniModel, data: WorldData, config: OmniTrainConfig, work:
                 for t in tasks}  # fmt: skip
     step, spent, tokens = 0, 0.0, 0
     ckpt = None if work is None else Path(work) / "checkpoint"
-    identity = {
-        "model": dataclasses.asdict(model.config),
-        "train": json.loads(json.dumps(dataclasses.asdict(config))),
-    }
+    # What a checkpoint must match to be resumed: the model and what shapes the data and the updates.
+    # The budget and the bookkeeping may change (a resumed command has less time left after its setup).
+    clock = ("budget_s", "warmup_s", "checkpoint_every_s", "log_every", "max_steps")
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in clock}
+    identity = {"model": dataclasses.asdict(model.config), "train": json.loads(json.dumps(settings))}
     if ckpt is not None and (ckpt / "state.json").is_file():
         state = read_state(ckpt)
         if state.get("identity") != identity:
