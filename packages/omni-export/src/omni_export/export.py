@@ -167,10 +167,21 @@ def export_onnx(
     return manifest
 
 
-@torch.inference_mode()
 def measure_parity(lm, graph: Path, cfg, config: ExportConfig, text: str | None) -> dict[str, Any]:
     """The exported graph against the PyTorch decoder: max |logits difference| over a prefill and
-    cached decode steps, and the greedy tokens that agree."""
+    cached decode steps, and the greedy tokens that agree. Both sides run on one thread: the figures
+    go into the manifest, which a build's later stages hash, and a thread pool's split of a sum can
+    change its last bits from one run to the next on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure_parity(lm, graph, cfg, config, text)
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def _measure_parity(lm, graph: Path, cfg, config: ExportConfig, text: str | None) -> dict[str, Any]:
     n_prompt, n_decode = config.parity_prompt_tokens, config.parity_decode_tokens
     if text is None:
         from omni_model.corpus import text_path
@@ -179,7 +190,7 @@ def measure_parity(lm, graph: Path, cfg, config: ExportConfig, text: str | None)
     ids = lm.tokenizer.encode(text[: 40 * n_prompt])[:n_prompt]
     if len(ids) < n_prompt:
         raise ExportError(f"the parity text has {len(ids)} tokens, fewer than the {n_prompt} asked for")
-    threads = torch.get_num_threads()
+    threads = 1
     if cfg.mla is None and not config.media_placeholders:
         session: OnnxDecoder | _Session = OnnxDecoder(graph, cfg, threads=threads, kv=config.kv)
     else:
