@@ -259,22 +259,22 @@ def digit_features(waves: Sequence[np.ndarray]) -> Tensor:
     return torch.from_numpy(log_mel_batch(list(pad_batch(waves)), _MEL))
 
 
+def conv_blocks(width: int, n_mels: int = _MEL.n_mels) -> nn.Sequential:
+    """Log-mel (B, n_mels, T) -> (B, width, T / 8): three blocks of conv, batch norm, GELU and pooling."""
+    layers: list[nn.Module] = []
+    c_in = n_mels
+    for _ in range(3):
+        layers += [nn.Conv1d(c_in, width, 5, padding=2), nn.BatchNorm1d(width), nn.GELU(), nn.MaxPool1d(2)]
+        c_in = width
+    return nn.Sequential(*layers)
+
+
 class DigitClassifier(nn.Module):
     """Log-mel (B, 80, frames) -> (B, 10) logits: three conv blocks, then mean and max over time."""
 
     def __init__(self, width: int = 96):
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = _MEL.n_mels
-        for _ in range(3):
-            layers += [
-                nn.Conv1d(c_in, width, 5, padding=2),
-                nn.BatchNorm1d(width),
-                nn.GELU(),
-                nn.MaxPool1d(2),
-            ]
-            c_in = width
-        self.body = nn.Sequential(*layers)
+        self.body = conv_blocks(width)
         self.head = nn.Linear(2 * width, len(DIGITS))
 
     def forward(self, mel: Tensor) -> Tensor:

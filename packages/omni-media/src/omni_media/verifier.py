@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from omni_media.checkpoint import read_with_config, save_with_config
 from omni_media.digits import as_float_images
 from omni_media.errors import MediaError
-from omni_media.speech import digit_features
+from omni_media.speech import conv_blocks, digit_features
 
 CHECKPOINT_FORMAT = "omni-media-verifier/1"
 IMAGE_SHAPE = (1, 28, 28)
@@ -119,17 +119,7 @@ class AudioTower(nn.Module):
 
     def __init__(self, width: int, dim: int):
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = N_MELS
-        for _ in range(3):
-            layers += [
-                nn.Conv1d(c_in, width, 5, padding=2),
-                nn.BatchNorm1d(width),
-                nn.GELU(),
-                nn.MaxPool1d(2),
-            ]
-            c_in = width
-        self.body = nn.Sequential(*layers)
+        self.body = conv_blocks(width, N_MELS)  # the spoken-digit classifier's blocks, its own weights
         self.head = nn.Linear(2 * width, dim)
 
     def forward(self, mel: Tensor) -> Tensor:
