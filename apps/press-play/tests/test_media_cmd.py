@@ -68,7 +68,7 @@ def test_train_omni_quick_writes_a_loadable_model_with_its_figures(quick_media, 
     media, made = quick_media
     assert made.exit_code == 0, made.output
     out = tmp_path / "omni"
-    result = runner.invoke(app, ["train", "omni", "--quick", "--media", str(media), "--budget-hours", "0.02",
+    result = runner.invoke(app, ["train", "omni", "--quick", "--media", str(media), "--budget-hours", "0.1",
                                  "--out", str(out), "--threads", "1"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output and "image -> text" in result.output

@@ -33,7 +33,12 @@ class OmniRecipe:
         ("image_to_text", 10000), ("speech_to_text", 300), ("video_to_text", 300),
         ("text_to_image", 500), ("text_to_speech", 200), ("text_to_video", 100),
     )  # fmt: skip
-    n_candidates: int = 4
+    n_candidates: int = 4  # samples per request that the verifier picks from
+    # Generation sampling. Guidance 3 at temperature 0.7 read as asked 88% of the digits a short
+    # text -> image run drew, against 44% unguided at temperature 1 (same model, same requests).
+    temperature: float = 0.7
+    guidance: float = 3.0  # classifier-free guidance scale (1: none)
+    max_steps: int | None = None  # stop the model's training sooner than the budget
     quick: bool = False  # tiny everything: a smoke run for tests
     seed: int = 0
 
@@ -42,7 +47,7 @@ def quick_recipe(budget_s: float = 60.0) -> OmniRecipe:
     return OmniRecipe(budget_s=budget_s, reserve_s=0.0, n_train_words=100, n_sequences=60, n_clips=60, n_tts=30,
                       n_test=(("image_to_text", 40), ("speech_to_text", 10), ("video_to_text", 10),
                               ("text_to_image", 10), ("text_to_speech", 6), ("text_to_video", 3)),
-                      n_candidates=2, quick=True)  # fmt: skip
+                      n_candidates=2, max_steps=40, quick=True)  # fmt: skip
 
 
 @dataclass
@@ -135,13 +140,14 @@ def run_omni(recipe: OmniRecipe, out: Path, media: Path | None = None, config: A
         )
     say(f"training the model for {left / 60:.1f} min")
     work = out.with_name(out.name + ".work")
-    trained = train_omni(model, train, OmniTrainConfig(budget_s=left, seed=recipe.seed,
+    trained = train_omni(model, train, OmniTrainConfig(budget_s=left, seed=recipe.seed, max_steps=recipe.max_steps,
                                                        warmup_s=min(60.0, left / 10)), work, on_step)  # fmt: skip
     say("judging understanding on held-out data")
     figures: dict[str, Any] = {"understanding": understanding(model, test, n_test)}
     say("judging generation")
     decoders = MediaDecoders(tokenizers.tokenizer, tokenizers.codec, tokenizers.interpolator)
-    figures["generation"] = generation(model, test, decoders, judges, n_test, verifier, recipe.n_candidates)
+    figures["generation"] = generation(model, test, decoders, judges, n_test, verifier, recipe.n_candidates,
+                                       recipe.temperature, guidance=recipe.guidance)  # fmt: skip
     figures.update(judges=judge_figures, training=trained, media=tokenizers.figures,
                    params={"decoder": sum(p.numel() for p in model.decoder.parameters()),
                            "encoders": sum(p.numel() for m in model.encoders().values() for p in m.parameters()),
@@ -189,6 +195,11 @@ def save_omni(run: OmniRun, out: Path) -> None:
     layout = {"image_size": 28, "prompt_seconds": int(od.SEQ_SECONDS), "word_seconds": int(od.WORD_SECONDS),
               "word_frames": od.WORD_FRAMES, "max_words": 3, "clip_frames": od.CLIP_FRAMES, "clip_size": od.CLIP_SIZE,
               "input_frames": list(od.INPUT_FRAMES), "keyframes": od.KEYFRAMES, "key_every": od.KEY_EVERY}  # fmt: skip
-    meta = {"omni": {"config": dataclasses.asdict(run.model.config), "layout": layout,  # what a runtime must know
+    sampling = {
+        "temperature": run.figures.get("recipe", {}).get("temperature", 1.0),
+        "guidance": run.figures.get("recipe", {}).get("guidance", 1.0),
+        "condition_words": list(od.CONDITION_WORDS),
+    }  # what guidance drops from a prompt
+    meta = {"omni": {"config": dataclasses.asdict(run.model.config), "layout": layout, "sampling": sampling,
                      "media_vocab": {"text_vocab": vocab.text_vocab, "codebooks": [list(c) for c in vocab.codebooks]}}}  # fmt: skip
     save(run.model.decoder, out, tokenizer=make_tokenizer(), meta=meta, extra=extra)

@@ -3,9 +3,12 @@
 They are the input side of a model trained from scratch on a narrow world (the digit world), where a
 pretrained SigLIP or Whisper tower would be most of the parameters and none of the point:
 
-- `ImageEncoder`: (B, 1, H, W) in [0, 1] -> (B, g*g, dim). Two coordinate channels ride along with
-  the pixels (CoordConv, Liu et al. 2018), so the pooled cells still say where the ink is; that is what
-  lets a handful of embeddings per frame carry a digit's motion.
+- `ImageEncoder`: (B, 1, H, W) in [0, 1] -> (B, g*g, dim). A LeNet-style body (conv, batch norm,
+  ReLU, max pool, twice) with two coordinate channels riding along (CoordConv, Liu et al. 2018); its
+  map, pooled to 4 x 4 cells, is flattened and projected to the g*g embeddings, so every embedding sees
+  where every stroke is: what tells a 6 from a 9, and a digit at the left of the canvas from one at the
+  right. (Pooling the map to g x g cells first, one embedding per cell, left the digit unreadable: 12%
+  against 90% after 150 s of image -> text training alone.)
 - `SpeechEncoder`: (B, 80, frames) Whisper log-mel at 100 frames/s -> (B, ceil(frames / 8), dim).
 - `ClipEncoder`: (B, T, 1, H, W) frames -> (B, T*g*g, dim), the image encoder on every frame.
 """
@@ -25,6 +28,8 @@ def _coords(b: int, h: int, w: int, like: Tensor) -> Tensor:
 
 
 class ImageEncoder(nn.Module):
+    CELLS = 4  # the map is pooled to CELLS x CELLS before the projection
+
     def __init__(self, dim: int, width: int = 32, grid: int = 2):
         super().__init__()
         if dim < 1 or width < 1 or grid < 1:
@@ -33,12 +38,12 @@ class ImageEncoder(nn.Module):
             )
         self.dim, self.grid = dim, grid
         self.body = nn.Sequential(
-            nn.Conv2d(3, width, 4, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.GELU(),
-            nn.AdaptiveAvgPool2d(grid),
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(self.CELLS), nn.Flatten(),
         )  # fmt: skip
-        self.out = nn.Sequential(nn.LayerNorm(2 * width), nn.Linear(2 * width, dim))
+        flat = 2 * width * self.CELLS**2
+        self.out = nn.Sequential(nn.LayerNorm(flat), nn.Linear(flat, grid * grid * dim))
 
     @property
     def n_tokens(self) -> int:
@@ -48,8 +53,10 @@ class ImageEncoder(nn.Module):
         if images.ndim != 4 or images.shape[1] != 1 or not images.is_floating_point():
             raise MediaError(f"images must be float (B, 1, H, W), got {images.dtype} {tuple(images.shape)}")
         b, _, h, w = images.shape
+        if h < 4 * self.CELLS or w < 4 * self.CELLS:
+            raise MediaError(f"images must be at least {4 * self.CELLS} px a side, got {h} x {w}")
         x = torch.cat([images * 2 - 1, _coords(b, h, w, images)], dim=1)
-        return self.out(self.body(x).flatten(2).transpose(1, 2))  # (B, g*g, dim)
+        return self.out(self.body(x)).view(b, self.n_tokens, self.dim)  # (B, g*g, dim)
 
 
 class ClipEncoder(nn.Module):

@@ -123,6 +123,7 @@ class OmniTrainConfig:
         ("image_to_text", 1.0), ("speech_to_text", 1.5), ("video_to_text", 1.5),
         ("text_to_image", 2.0), ("text_to_speech", 2.0), ("text_to_video", 2.0),
     )  # fmt: skip
+    drop_condition: float = 0.1  # generation prompts trained without their condition (for guidance)
     checkpoint_every_s: float = 300.0
     max_steps: int | None = None  # stop earlier than the budget (and schedule over the steps)
     log_every: int = 100  # steps between lines of metrics.jsonl
@@ -131,6 +132,8 @@ class OmniTrainConfig:
     def __post_init__(self) -> None:
         if not (self.budget_s > 0 and 0 < self.min_lr <= self.lr and self.warmup_s >= 0):
             raise TrainError("need budget_s > 0, 0 < min_lr <= lr and warmup_s >= 0")
+        if not 0 <= self.drop_condition < 1:
+            raise TrainError(f"drop_condition must be in [0, 1), got {self.drop_condition}")
         if self.log_every < 1:
             raise TrainError(f"log_every must be >= 1, got {self.log_every}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -218,7 +221,8 @@ def train_omni(model: OmniModel, data: WorldData, config: OmniTrainConfig, work:
     while (elapsed := time.monotonic() - t0) < config.budget_s and step < (config.max_steps or step + 1):
         task = tasks[int(rng.choice(len(tasks), p=weights / weights.sum()))]
         rows = rng.integers(0, task_size(task, data), batch_of[task])
-        batch = make_batch(task, data, rows, model.vocab, rng, model.n_image_tokens)
+        batch = make_batch(task, data, rows, model.vocab, rng, model.n_image_tokens,
+                           drop_condition=config.drop_condition)  # fmt: skip
         for g in opt.param_groups:
             g["lr"] = config.lr_at(elapsed, step)
         loss = loss_of(model, batch)

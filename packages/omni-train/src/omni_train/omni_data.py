@@ -84,6 +84,18 @@ def words(text: str) -> list[int]:
     return [index[w] for w in text.replace("?", " ?").replace(",", " ,").split()]
 
 
+# The words that say what to make: dropped from a generation prompt (each becomes <|unk|>) to train and
+# query the unconditional twin that classifier-free guidance needs.
+CONDITION_WORDS = DIGIT_WORDS + DIRECTIONS + ("a", "an")
+
+
+def unconditioned(ids: Tensor) -> Tensor:
+    """A copy of prompt ids with every condition word replaced by <|unk|> (same length, so a batch of
+    prompts and its twins decode side by side)."""
+    cond = torch.tensor([WORDS.index(w) for w in CONDITION_WORDS])
+    return ids.masked_fill(torch.isin(ids, cond), WORDS.index("<|unk|>"))
+
+
 def article(d: int) -> str:
     return "an" if d == 8 else "a"
 
@@ -245,8 +257,10 @@ def _pad(rows: list[tuple[Tensor, Tensor, int]]) -> tuple[Tensor, Tensor]:
 
 
 def make_batch(task: str, data: WorldData, rows: np.ndarray, vocab: MediaVocab, rng: np.random.Generator,
-               n_image_tokens: int, train: bool = True) -> Batch:  # fmt: skip
-    """One task's batch over the examples `rows` of `data` (a random prompt template when `train`)."""
+               n_image_tokens: int, train: bool = True, drop_condition: float = 0.0) -> Batch:  # fmt: skip
+    """One task's batch over the examples `rows` of `data` (a random prompt template when `train`).
+    A generation task's prompt loses its condition words with probability `drop_condition` (row by
+    row), which teaches the unconditional model that classifier-free guidance subtracts."""
     from omni_media.encoders import SpeechEncoder
 
     def prompt_of(**kw) -> str:
@@ -307,6 +321,10 @@ def make_batch(task: str, data: WorldData, rows: np.ndarray, vocab: MediaVocab, 
             answers.append((d, direction))
     else:
         raise ValueError(f"unknown task {task!r} (one of {TASKS})")
+    if drop_condition > 0 and task.startswith("text_to_"):
+        for ids, _, n_prompt in examples:
+            if rng.random() < drop_condition:
+                ids[:n_prompt] = unconditioned(ids[:n_prompt])
     ids, targets = _pad(examples)
     return Batch(task, ids, targets, media, examples[0][2], answers)
 

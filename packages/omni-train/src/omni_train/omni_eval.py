@@ -32,6 +32,7 @@ from omni_train.omni_data import (
     WorldData,
     audio_waves,
     make_batch,
+    unconditioned,
 )  # fmt: skip
 
 
@@ -50,9 +51,13 @@ class MediaDecoders:
 
 @torch.no_grad()
 def generate(model: OmniModel, batch: Batch, max_new: int, temperature: float = 0.0, top_k: int = 0,
-             generator: torch.Generator | None = None) -> list[list[int]]:  # fmt: skip
+             generator: torch.Generator | None = None, guidance: float = 1.0) -> list[list[int]]:  # fmt: skip
     """Continue each row's prompt (`batch.ids[:, :prompt_len]`, the same length in every row) until
-    <|end|> or `max_new` ids, under a MediaConstraint (spans hold exactly their codes)."""
+    <|end|> or `max_new` ids, under a MediaConstraint (spans hold exactly their codes).
+
+    `guidance` != 1 is classifier-free guidance (Ho & Salimans 2022, as autoregressive image models
+    use it): each row also runs with its condition words dropped (`omni_data.unconditioned`) and the
+    next-id logits are u + guidance * (c - u)."""
     vocab, end = model.vocab, WORDS.index("<|end|>")
     ids = batch.ids[:, : batch.prompt_len]
     lengths = {"image": IMAGE_CODES, "audio": AUDIO_CODES, "video": KEYFRAMES * VIDEO_GRID}
@@ -61,12 +66,24 @@ def generate(model: OmniModel, batch: Batch, max_new: int, temperature: float = 
     keep = outside.clone()  # ... less the prompt's own markers, and everything a span may hold
     keep[[WORDS.index("<|pad|>"), WORDS.index("<|user|>"), WORDS.index("<|assistant|>")]] = False
     keep |= ~outside
-    dec = model.decoder
+    dec, guided = model.decoder, guidance != 1.0
+    media = batch.media
+    if guided:
+        ids = torch.cat([ids, unconditioned(ids)])
+        media = {m: torch.cat([x, x]) for m, x in media.items()}
     cache = dec.make_cache(batch_size=len(ids))
-    h = dec.hidden_states(ids, cache, embeds=model.embed(ids, batch.media))
-    logits = dec.logits(h, last_only=True)[:, 0]
-    rows = [[] for _ in range(len(ids))]
-    done = torch.zeros(len(ids), dtype=torch.bool)
+
+    def mix(logits: Tensor) -> Tensor:
+        if not guided:
+            return logits
+        c, u = logits.chunk(2)
+        return u + guidance * (c - u)
+
+    logits = mix(
+        dec.logits(dec.hidden_states(ids, cache, embeds=model.embed(ids, media)), last_only=True)[:, 0]
+    )
+    rows = [[] for _ in range(len(logits))]
+    done = torch.zeros(len(rows), dtype=torch.bool)
     for _ in range(max_new):
         masks = torch.stack([constraint.allowed(r) & keep for r in rows])
         x = logits.masked_fill(~masks, float("-inf"))
@@ -85,7 +102,8 @@ def generate(model: OmniModel, batch: Batch, max_new: int, temperature: float = 
         done |= nxt == end
         if bool(done.all()):
             break
-        logits = dec.logits(dec.hidden_states(nxt.view(-1, 1), cache), last_only=True)[:, 0]
+        step = nxt.repeat(2) if guided else nxt
+        logits = mix(dec.logits(dec.hidden_states(step.view(-1, 1), cache), last_only=True)[:, 0])
     return [r[:-1] if r and r[-1] == end else r for r in rows]
 
 
@@ -172,8 +190,9 @@ def _best(scores: Tensor, k: int) -> Tensor:
 @torch.no_grad()
 def generation(model: OmniModel, data: WorldData, decoders: MediaDecoders, judges: Judges, n: dict[str, int],
                verifier: Any | None = None, n_candidates: int = 4, temperature: float = 1.0, top_k: int = 0,
-               batch_size: int = 32, seed: int = 0) -> dict[str, float]:  # fmt: skip
-    """Generation figures; with a verifier, also the best of n_candidates samples per request."""
+               guidance: float = 1.0, batch_size: int = 32, seed: int = 0) -> dict[str, float]:  # fmt: skip
+    """Generation figures (sampled at `temperature`, `top_k`, classifier-free `guidance`); with a
+    verifier, also the best of n_candidates samples per request."""
     from omni_media.keyframes import at_size
 
     g = torch.Generator().manual_seed(seed)
@@ -184,7 +203,7 @@ def generation(model: OmniModel, data: WorldData, decoders: MediaDecoders, judge
         res = []
         for b in _batches(task, data, model, count, max(1, batch_size // k), seed, key):
             rep = Batch(b.task, b.ids.repeat_interleave(k, 0), b.targets, b.media, b.prompt_len)
-            gen = generate(model, rep, max_new, temperature, top_k, g)
+            gen = generate(model, rep, max_new, temperature, top_k, g, guidance)
             res += [(a, gen[i * k : (i + 1) * k]) for i, a in enumerate(b.answers)]
         return res
 
