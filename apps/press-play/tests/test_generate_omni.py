@@ -97,9 +97,8 @@ def test_writes_media_that_reads_back(bundle, inputs, tmp_path):
     from omni_media.video import read_video
     from omni_runtime.omni import read_clip
 
-    result = _generate(
-        bundle, "draw a seven", "--output-modality", "image", "--output", tmp_path / "seven.png"
-    )
+    result = _generate(bundle, "draw a seven", "--output-modality", "image", "--output", tmp_path / "seven.png",
+                       "--guidance", "2")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "wrote" in result.stdout and "28 x 28 image" in result.stdout
     with Image.open(tmp_path / "seven.png") as img:
@@ -135,6 +134,8 @@ def test_bad_inputs_are_one_line_errors(bundle, inputs, tmp_path):
         (["draw a seven", "--output-modality", "smell", "--output", tmp_path / "x.png"], "must be image, audio or video"),
         (["draw a seven", "--output-modality", "image", "--output", tmp_path / "x.jpg"], "written as .png"),
         (["draw a seven", "--engine", "torch"], "an omni bundle runs with onnx"),
+        (["draw a seven", "--output-modality", "image", "--output", tmp_path / "x.png", "--guidance", "0"], "must be in (0, 100]"),
+        (["what is this?", "--image", inputs["--image"], "--guidance", "2"], "needs --output-modality"),
     ]  # fmt: skip
     results = [(_generate(bundle, *args), message) for args, message in cases]
     results.append((runner.invoke(cli.app, ["generate", "what?", "--model", str(tmp_path), "--image",

@@ -66,7 +66,8 @@ def save_folder(model, tok, codec, interp, folder) -> None:
         save_interpolator(interp, tmp / "interpolator.safetensors")
 
     vocab = od.media_vocab()
-    meta = {"omni": {"config": dataclasses.asdict(model.config),
+    sampling = {"temperature": 0.7, "guidance": 3.0, "condition_words": list(od.CONDITION_WORDS)}
+    meta = {"omni": {"config": dataclasses.asdict(model.config), "sampling": sampling,
                      "media_vocab": {"text_vocab": vocab.text_vocab, "codebooks": [list(c) for c in vocab.codebooks]}}}  # fmt: skip
     save(model.decoder, folder, tokenizer=od.make_tokenizer(), meta=meta, extra=extra)
 
@@ -206,6 +207,41 @@ def test_generated_media_decode_like_pytorch(exported, runtime):
     np.testing.assert_allclose(runtime.decode_speech(words.numpy()), want, atol=1e-3, rtol=0)
 
 
+def test_guided_generation_matches_pytorch(exported, runtime):
+    """Classifier-free guidance in the runtime (a twin engine on the unconditional prompt) picks the ids
+    omni_eval.generate picks with the same scale; the bundle carries the scale and temperature it was
+    trained for, and the condition words as ids."""
+    model = exported[2][0]
+    m = exported[1]
+    assert m["sampling"]["condition_ids"] == [od.WORDS.index(w) for w in od.CONDITION_WORDS]
+    assert runtime.sampling == {"temperature": 0.7, "guidance": 3.0}
+    data = od.WorldData(
+        images=np.zeros((1, 28, 28), np.uint8), image_labels=np.array([7]), image_codes=None,
+        seq_mels=torch.zeros(1, 80, 300), seq_digits=[(1, 2)], word_mels=torch.zeros(1, 80, 100),
+        word_labels=np.array([1]), tts_codes=None, tts_labels=np.zeros(0, np.int64),
+        clips=np.zeros((1, 9, 40, 40), np.uint8), clip_labels=np.array([7]), clip_directions=np.array([0]),
+        clip_words=np.array([0]), clip_codes=None,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    batch = od.make_batch(
+        "text_to_image", data, np.array([0]), model.vocab, rng, model.n_image_tokens, train=False
+    )
+    prompt = runtime.prompt_ids("draw a seven")[0]
+    want = {}
+    for g in (1.0, 3.0, 50.0):
+        want[g] = generate(model, batch, 60, guidance=g)[0]
+        for _ in range(2):  # the twin's cache is rolled back with the engine's: the same answer again
+            logits, guide = runtime._prefill_guided(prompt, g)
+            assert runtime._decode(logits, 60, guide=guide) == want[g]
+    assert want[1.0] != want[50.0]  # the unconditional twin moved the picks
+    image = runtime.generate_media(
+        "draw a seven", "image", n_candidates=2, seed=1
+    )  # the bundle's 3.0 and 0.7
+    assert [x.shape for x in image] == [(28, 28)] * 2
+    with pytest.raises(EngineError, match="guidance must be in"):
+        runtime.generate_media("draw a seven", "image", guidance=0.0)
+
+
 def test_runtime_process_never_imports_torch(exported, tmp_path):
     bundle = exported[0] / "bundle"
     code = (
@@ -241,6 +277,14 @@ def test_refuses_altered_bundles_and_bad_inputs(exported, runtime, tmp_path):
         OmniRuntime(copy)
     with pytest.raises(EngineError, match=r"no omni-bundle\.json"):
         OmniRuntime(tmp_path)
+    m = json.loads((exported[0] / "bundle" / MANIFEST).read_text())
+    for sampling, message in [
+        ({"guidance": -1}, "guidance in"),
+        ({"condition_ids": [10**6]}, "word ids below"),
+    ]:
+        (copy / MANIFEST).write_text(json.dumps(m | {"sampling": m["sampling"] | sampling}))
+        with pytest.raises(EngineError, match=message):
+            OmniRuntime(copy)
     bad = [
         (lambda: runtime.answer("paint a seven please"), "not in the model's vocabulary: paint, please"),
         (lambda: runtime.answer("what is said?", audio=np.zeros(4 * RATE, np.float32)), "at most 3 s"),

@@ -148,7 +148,7 @@ def _pct(x: float) -> str:
 def render_omni_section(report: OmniReport) -> str:
     f, m = report.figures, report.machine
     u, g, t = f["understanding"], f["generation"], f["training"]
-    p, j = f["params"], f["judges"]
+    p, j, rec = f["params"], f["judges"], f.get("recipe", {})
     lines = [
         f"<!-- bench:{SECTION}:start -->",
         "## Any-to-any digit world: one MLA + MoE model trained here, judged on held-out data",
@@ -162,7 +162,7 @@ def render_omni_section(report: OmniReport) -> str:
         f"- Judges: MNIST classifier {_pct(j['image_judge_mnist_test'])} on MNIST test; spoken-digit classifier "
         f"{_pct(j['speech_judge_held_out_voices'])} on the unseen voices (both trained on real data only)",
         "",
-        "| task | held out | one sample | best of 4 by the verifier | target |",
+        f"| task | held out | one sample | best of {rec.get('n_candidates', 4)} by the verifier | target |",
         "|---|---|---:|---:|---:|",
     ]
     for key, (what, held, target) in TARGETS.items():
@@ -192,7 +192,8 @@ def render_omni_section(report: OmniReport) -> str:
         f"{_pct(u['video_to_text_direction'])}, the word said in the sound track {_pct(u['video_to_text_spoken_word'])}; "
         f"speech -> text sequences exactly right {_pct(u['speech_to_text_exact'])}; text -> video clips right in "
         f"every frame {_pct(g['text_to_video_clips'])}. Understanding answers are greedy; generation samples at "
-        "temperature 1.",
+        f"temperature {rec.get('temperature', 1.0):g} with classifier-free guidance {rec.get('guidance', 1.0):g} "
+        "(1: none).",
         f"<!-- bench:{SECTION}:end -->",
         "",
     ]

@@ -107,7 +107,15 @@ def generate(
     knn: KNNOption = None,
     knn_settings: KNNSettingsOption = None,
     max_new_tokens: MaxNewTokens = 256,
-    temperature: Temperature = 0.2,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--temperature",
+            "-t",
+            help="Sampling temperature; 0 is greedy. 0.2 by default; an omni "
+            "bundle's media answers default to the bundle's own (the one its figures were measured at).",
+        ),
+    ] = None,
     top_k: TopK = 0,
     top_p: TopP = 0.9,
     min_p: MinP = 0.0,
@@ -157,6 +165,14 @@ def generate(
             "written to --output; text answers are greedy.",
         ),
     ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            "--guidance",
+            help="Omni bundle: classifier-free guidance of a media answer (1: none); "
+            "the bundle's own by default.",
+        ),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", help="With --output-modality: the PNG, WAV or MP4 to write.")
     ] = None,
@@ -173,8 +189,11 @@ def generate(
             if engine not in ("auto", "onnx"):
                 raise DataError(f"--engine {engine}: an omni bundle runs with onnx")
             generate_omni(model, prompt, image, audio, video, output_modality, output, max_new_tokens,
-                          temperature, seed or 0)  # fmt: skip
+                          temperature, seed or 0, guidance)  # fmt: skip
             return
+        if guidance is not None:
+            raise DataError("--guidance: only for an omni bundle's media answers")
+        temperature = 0.2 if temperature is None else temperature
         config = SamplingConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop or ()),
@@ -216,8 +235,8 @@ def is_omni_bundle(source: str) -> bool:
 
 
 def generate_omni(bundle: str, prompt: str, image: Path | None, audio: Path | None, video: Path | None,
-                  modality: str | None, output: Path | None, max_new_tokens: int, temperature: float,
-                  seed: int) -> None:  # fmt: skip
+                  modality: str | None, output: Path | None, max_new_tokens: int, temperature: float | None,
+                  seed: int, guidance: float | None = None) -> None:  # fmt: skip
     """An omni bundle's answer: text on stdout, or an image, speech or a clip written to `output`."""
     import time
 
@@ -240,8 +259,12 @@ def generate_omni(bundle: str, prompt: str, image: Path | None, audio: Path | No
             raise DataError(
                 "--output-modality answers a text prompt; it does not take --image, --audio or --video"
             )
-    if temperature < 0:
+    if temperature is not None and temperature < 0:
         raise DataError(f"--temperature {temperature}: must be >= 0")
+    if guidance is not None and not 0 < guidance <= 100:
+        raise DataError(f"--guidance {guidance}: must be in (0, 100]")
+    if guidance is not None and modality is None:
+        raise DataError("--guidance steers a media answer; it needs --output-modality")
     with err.status(f"opening {escape(bundle)} with ONNX Runtime"):
         rt = OmniRuntime(bundle, threads=settings.threads)
     t0 = time.perf_counter()
@@ -250,7 +273,7 @@ def generate_omni(bundle: str, prompt: str, image: Path | None, audio: Path | No
         write(rt.tokenizer.decode([i for i in ids if i < rt.text_vocab], skip_special_tokens=True) + "\n")
         err.print(f"[dim]{len(ids)} tokens in {time.perf_counter() - t0:.2f}s[/dim]", soft_wrap=True)
         return
-    result = rt.generate_media(prompt, modality, seed=seed, temperature=temperature)[0]  # type: ignore[arg-type]
+    result = rt.generate_media(prompt, modality, seed=seed, temperature=temperature, guidance=guidance)[0]  # type: ignore[arg-type]
     took = time.perf_counter() - t0
     _write_media(output, modality, result, rt)  # type: ignore[arg-type]
     what = {"image": lambda r: f"{r.shape[1]} x {r.shape[0]} image",

@@ -100,6 +100,7 @@ class _Model:
     codec: Any
     interpolator: Any
     vocab: dict[str, Any]  # the manifest's vocab section
+    sampling: dict[str, Any] | None = None  # the manifest's sampling section (meta.omni.sampling, as ids)
 
 
 def _vocab(text_vocab: int, codebooks: list[tuple[str, int]]) -> dict[str, Any]:
@@ -159,10 +160,27 @@ def _load(folder: Path) -> _Model:
         ) from None
     if missing := [w for w in SPECIALS if model.decoder.tokenizer.token_to_id(f"<|{w}|>") is None]:
         raise ExportError(f"{folder}: the tokenizer lacks the special tokens {missing}")
+    model.sampling = _sampling(omni.get("sampling"), model.decoder.tokenizer, folder)
     if model.decoder.config.vocab_size != vocab["size"]:
         raise ExportError(f"{folder}: the decoder has {model.decoder.config.vocab_size} ids, its media vocabulary "
                           f"{vocab['size']}")  # fmt: skip
     return model
+
+
+def _sampling(s: Any, tokenizer: Any, folder: Path) -> dict[str, Any] | None:
+    """meta.omni.sampling (what the model's figures were sampled with) for the runtime: its condition
+    words, which classifier-free guidance drops from a prompt, as token ids."""
+    if s is None:
+        return None
+    try:
+        t, g, words = float(s["temperature"]), float(s["guidance"]), list(s["condition_words"])
+        ids = [tokenizer.token_to_id(str(w)) for w in words]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{folder}/omnicoder.json: meta.omni.sampling: {e}") from None
+    if None in ids:
+        raise ExportError(f"{folder}: meta.omni.sampling names words the tokenizer lacks: "
+                          f"{[w for w, i in zip(words, ids, strict=True) if i is None][:5]}")  # fmt: skip
+    return {"temperature": t, "guidance": g, "condition_ids": ids}
 
 
 def _layout(m: _Model, layout: OmniLayout) -> dict[str, Any]:
@@ -350,6 +368,7 @@ def export_omni(model_folder: str | Path, out_folder: str | Path, weights: str =
             "vocab": m.vocab,
             "special": {w: m.decoder.tokenizer.token_to_id(f"<|{w}|>") for w in SPECIALS},
             "layout": spans,
+            **({"sampling": m.sampling} if m.sampling is not None else {}),
             "graphs": {g: {"file": f"{MEDIA}/{e['file']}", "parameters": e["parameters"],
                            "parity_max_abs": e["parity_max_abs"]} for g, e in media["graphs"].items()},
             "parity": {"decoder": decoder["parity"], "media_prefill": prefill,

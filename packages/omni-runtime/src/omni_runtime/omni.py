@@ -79,6 +79,7 @@ def read_bundle_manifest(folder: Path) -> dict[str, Any]:
         levels = lay["video"]["fsq_levels"]
         if not all(_int(x) and x > 0 for x in sizes) or not all(_int(x) and x >= 2 for x in levels):
             raise EngineError(f"{path}: layout sizes must be positive integers (FSQ levels at least 2)")
+        _check_sampling(m.get("sampling"), v["text_vocab"], path)
         files = m["files"]
         if not isinstance(files, dict) or not files:
             raise EngineError(f"{path}: files must be a non-empty object")
@@ -91,6 +92,24 @@ def read_bundle_manifest(folder: Path) -> dict[str, Any]:
     except (KeyError, TypeError, AttributeError) as e:
         raise EngineError(f"{path}: lacks the field {e}") from None
     return m
+
+
+def _check_sampling(s: Any, text_vocab: int, path: Path) -> None:
+    """The optional `sampling` section: the temperature and guidance the bundle's figures were measured
+    at, and the word ids guidance drops from a prompt."""
+    if s is None:
+        return
+    if not isinstance(s, dict):
+        raise EngineError(f"{path}: sampling must be an object")
+    t, g, cond = s.get("temperature", 1.0), s.get("guidance", 1.0), s.get("condition_ids", [])
+    if not (_number(t) and t >= 0) or not (_number(g) and 0 < g <= 100):
+        raise EngineError(f"{path}: sampling temperature must be >= 0 and guidance in (0, 100]")
+    if not isinstance(cond, list) or not all(_int(x) and 0 <= x < text_vocab for x in cond):
+        raise EngineError(f"{path}: sampling.condition_ids must be word ids below {text_vocab}")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
 
 
 class OmniRuntime:
@@ -108,6 +127,13 @@ class OmniRuntime:
             if file_sha256(p) != f["sha256"]:
                 raise EngineError(f"{p}: sha256 differs from {MANIFEST}'s (altered or incomplete)")
         self.engine = OrtEngine(self.folder / m["decoder"], threads=threads)
+        self.threads, self._twin = threads, None  # the unconditional twin guidance runs beside the engine
+        s = m.get("sampling") or {}
+        self.sampling = {
+            "temperature": float(s.get("temperature", 1.0)),
+            "guidance": float(s.get("guidance", 1.0)),
+        }
+        self._condition = frozenset(s.get("condition_ids", []))
         self.media = MediaRuntime(self.folder / m["media"], threads=threads)
         self.tokenizer = Tokenizer.from_hf_folder(self.folder / m["decoder"])
         v, s, lay = m["vocab"], m["special"], m["layout"]
@@ -246,13 +272,34 @@ class OmniRuntime:
         self.engine.reset()
         return self.engine.forward(ids, last_only=True, media_embeds=media)[0]
 
+    def _prefill_guided(
+        self, ids: list[int], guidance: float
+    ) -> tuple[np.ndarray, tuple[np.ndarray, float] | None]:
+        """`_prefill`, and with guidance != 1 the unconditional twin of the prompt (its condition words
+        replaced by <|unk|>) in a second engine: the last logits and `_decode`'s `guide`."""
+        logits = self._prefill(ids, None)
+        if guidance == 1:
+            return logits, None
+        if self._twin is None:
+            self._twin = OrtEngine(self.folder / self.manifest["decoder"], threads=self.threads)
+        self._twin.reset()
+        unk = self.special["unk"]
+        return logits, (
+            self._twin.forward([unk if i in self._condition else i for i in ids], last_only=True)[0],
+            guidance,
+        )
+
     def _decode(self, logits: np.ndarray, max_new: int, temperature: float = 0.0,
-                rng: np.random.Generator | None = None, only: str | None = None) -> list[int]:  # fmt: skip
+                rng: np.random.Generator | None = None, only: str | None = None,
+                guide: tuple[np.ndarray, float] | None = None) -> list[int]:  # fmt: skip
         """Continue the prompt in the cache (`logits`: its last position's) until <|end|> or `max_new`
         ids, under the span constraint, as omni_eval.generate does; `only`: the answer is spans of that
         modality (the first id its begin marker; up to max_words spans of speech, one of the others).
-        The cache is rolled back to the prompt afterwards."""
+        `guide`: (the unconditional prompt's last logits, in the twin engine's cache; the guidance scale),
+        for classifier-free guidance: u + scale * (c - u). Caches are rolled back to the prompts afterwards."""
         n_prompt, end = self.engine.seq_len, self.special["end"]
+        twin, n_twin = (self._twin, self._twin.seq_len) if guide is not None else (None, 0)  # type: ignore[union-attr]
+        uncond = guide[0] if guide is not None else None
         max_new = min(max_new, self.engine.max_seq_len - n_prompt)
         begins = {self.markers[m]["begin"]: m for m in MODALITIES}
         ends = {self.markers[m]["end"] for m in MODALITIES}
@@ -272,7 +319,7 @@ class OmniRuntime:
                 mask = between if out else first
             else:
                 mask = self._outside
-            x = logits + mask
+            x = (logits if guide is None else uncond + guide[1] * (logits - uncond)) + mask
             if temperature > 0:
                 p = np.exp((x - x.max()) / temperature)
                 t = int(rng.choice(len(p), p=p / p.sum()))  # type: ignore[union-attr]
@@ -291,7 +338,11 @@ class OmniRuntime:
                 count += span is not None
             if len(out) < max_new:
                 logits = self.engine.forward([t], last_only=True)[0]
+                if twin is not None:
+                    uncond = twin.forward([t], last_only=True)[0]
         self.engine.rollback(self.engine.seq_len - n_prompt)
+        if twin is not None:
+            twin.rollback(twin.seq_len - n_twin)
         return out[:-1] if out and out[-1] == end else out
 
     def answer_ids(self, prompt: str, image: ImageInput | None = None, audio: AudioInput | None = None,
@@ -307,9 +358,19 @@ class OmniRuntime:
         return self.tokenizer.decode([i for i in ids if i < self.text_vocab], skip_special_tokens=True)
 
     def generate_media(self, prompt: str, modality: Modality, n_candidates: int = 1, seed: int = 0,
-                       temperature: float = 1.0) -> list[np.ndarray]:  # fmt: skip
+                       temperature: float | None = None, guidance: float | None = None) -> list[np.ndarray]:  # fmt: skip
         """`n_candidates` samples (temperature 0: greedy) of the asked modality, decoded: image (28, 28)
-        uint8; audio (words, samples) float32 at 16 kHz, one row per spoken word; video (9, 40, 40) uint8."""
+        uint8; audio (words, samples) float32 at 16 kHz, one row per spoken word; video (9, 40, 40) uint8.
+        Temperature and classifier-free guidance (1: none) default to the bundle's `sampling`, the ones
+        its figures were measured at; guidance runs the prompt a second time with its condition words
+        (the digits, directions and articles) replaced by <|unk|>, as the model was trained to read."""
+        temperature = self.sampling["temperature"] if temperature is None else temperature
+        guidance = self.sampling["guidance"] if guidance is None else guidance
+        if not (_number(guidance) and 0 < guidance <= 100):
+            raise EngineError(f"guidance must be in (0, 100], got {guidance!r}")
+        if guidance != 1 and not self._condition:
+            raise EngineError(f"{self.folder}: the bundle names no condition words, so it cannot be guided "
+                              "(re-export it, or ask for guidance 1)")  # fmt: skip
         if modality not in MODALITIES:
             raise EngineError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
         if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 1:
@@ -320,10 +381,10 @@ class OmniRuntime:
         n_spans = self.layout["audio"]["max_words"] if modality == "audio" else 1
         max_new = n_spans * (self.lengths[modality] + 2) + 1
         rng = np.random.default_rng(seed)
-        logits = self._prefill(ids, None)  # once: each candidate starts from the same cache
+        logits, guide = self._prefill_guided(ids, guidance)  # once: each candidate starts from these caches
         out = []
         for _ in range(n_candidates):
-            got = self._decode(logits, max_new, temperature, rng, only=modality)
+            got = self._decode(logits, max_new, temperature, rng, only=modality, guide=guide)
             spans = self.spans(got, modality)
             if modality == "image":
                 out.append(self.decode_image(spans[0]))
