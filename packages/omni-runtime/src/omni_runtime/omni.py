@@ -126,7 +126,8 @@ class OmniRuntime:
                 raise EngineError(f"{p}: no such file (named by {MANIFEST})")
             if file_sha256(p) != f["sha256"]:
                 raise EngineError(f"{p}: sha256 differs from {MANIFEST}'s (altered or incomplete)")
-        self.engine = OrtEngine(self.folder / m["decoder"], threads=threads)
+        # Guidance alternates two sessions step by step: neither may keep its idle threads spinning.
+        self.engine = OrtEngine(self.folder / m["decoder"], threads=threads, spin=False)
         self.threads, self._twin = threads, None  # the unconditional twin guidance runs beside the engine
         s = m.get("sampling") or {}
         self.sampling = {
@@ -281,7 +282,7 @@ class OmniRuntime:
         if guidance == 1:
             return logits, None
         if self._twin is None:
-            self._twin = OrtEngine(self.folder / self.manifest["decoder"], threads=self.threads)
+            self._twin = OrtEngine(self.folder / self.manifest["decoder"], threads=self.threads, spin=False)
         self._twin.reset()
         unk = self.special["unk"]
         return logits, (
