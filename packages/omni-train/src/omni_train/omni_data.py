@@ -87,13 +87,13 @@ def words(text: str) -> list[int]:
 # The words that say what to make: dropped from a generation prompt (each becomes <|unk|>) to train and
 # query the unconditional twin that classifier-free guidance needs.
 CONDITION_WORDS = DIGIT_WORDS + DIRECTIONS + ("a", "an")
+_CONDITION_IDS = torch.tensor([WORDS.index(w) for w in CONDITION_WORDS])
 
 
 def unconditioned(ids: Tensor) -> Tensor:
     """A copy of prompt ids with every condition word replaced by <|unk|> (same length, so a batch of
     prompts and its twins decode side by side)."""
-    cond = torch.tensor([WORDS.index(w) for w in CONDITION_WORDS])
-    return ids.masked_fill(torch.isin(ids, cond), WORDS.index("<|unk|>"))
+    return ids.masked_fill(torch.isin(ids, _CONDITION_IDS), WORDS.index("<|unk|>"))
 
 
 def article(d: int) -> str:

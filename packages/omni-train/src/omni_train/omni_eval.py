@@ -22,6 +22,7 @@ from omni_model.multimodal import MediaConstraint
 from omni_train.omni import OmniModel
 from omni_train.omni_data import (
     AUDIO_CODES,
+    CLIP_FRAMES,
     CLIP_SIZE,
     IMAGE_CODES,
     KEY_EVERY,
@@ -240,7 +241,7 @@ def generation(model: OmniModel, data: WorldData, decoders: MediaDecoders, judge
     # text -> video: keyframes, interpolated, judged frame by frame; the verifier scores the digit in
     # each frame (it cannot see motion)
     tok40 = at_size(decoders.image_tokenizer, CLIP_SIZE)
-    frames = (KEYFRAMES - 1) * KEY_EVERY + 1
+    frames = CLIP_FRAMES
     right = {"one": [0, 0], "best": [0, 0]}  # frames right, clips right in every frame
     for (d, direction), cands in sample("text_to_video", n["text_to_video"], KEYFRAMES * VIDEO_GRID + 3):
         clips = [_clip(model, tok40, decoders.interpolator, c) for c in cands]
