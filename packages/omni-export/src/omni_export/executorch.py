@@ -351,7 +351,7 @@ def export_executorch(
 
         manifest = {
             "format": FORMAT, "version": VERSION, "program": PROGRAM, "source": str(source if path is None else path),
-            "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "config": _config_json(cfg),
+            "config": _config_json(cfg),
             "max_seq_len": max_seq, "prefill_chunk": config.prefill_chunk,
             "methods": {"prefill": "tokens (1, T<=prefill_chunk) int64, start (1,) int64 -> logits (1, T, V)",
                         "decode": "tokens (1, 1) int64, start (1,) int64 -> logits (1, 1, V)"},

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +135,7 @@ def export_onnx(
         weight_bytes = sum(_nbytes(w) for w in weights.values())
         manifest = {
             "format": FORMAT, "version": VERSION, "graph": GRAPH, "weights_file": DATA,
-            "source": str(source), "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "source": str(source),
             "config": _config_json(cfg), "max_seq_len": max_seq,
             "quantization": {"weights": config.weights, "block_size": config.block_size,
                              "symmetric": config.symmetric, "accuracy_level": config.accuracy_level,

@@ -363,7 +363,6 @@ def export_omni(model_folder: str | Path, out_folder: str | Path, weights: str =
         }
         manifest = {
             "format": FORMAT, "version": VERSION, "source": str(folder),
-            "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "decoder": DECODER, "media": MEDIA, "weights": weights,
             "vocab": m.vocab,
             "special": {w: m.decoder.tokenizer.token_to_id(f"<|{w}|>") for w in SPECIALS},
