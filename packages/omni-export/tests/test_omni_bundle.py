@@ -66,7 +66,8 @@ def save_folder(model, tok, codec, interp, folder) -> None:
         save_interpolator(interp, tmp / "interpolator.safetensors")
 
     vocab = od.media_vocab()
-    sampling = {"temperature": 0.7, "guidance": 3.0, "condition_words": list(od.CONDITION_WORDS)}
+    sampling = {"temperature": 0.7, "guidance": {"image": 3.0, "audio": 2.0, "video": 1.5},
+                "condition_words": list(od.CONDITION_WORDS)}  # fmt: skip
     meta = {"omni": {"config": dataclasses.asdict(model.config), "sampling": sampling,
                      "media_vocab": {"text_vocab": vocab.text_vocab, "codebooks": [list(c) for c in vocab.codebooks]}}}  # fmt: skip
     save(model.decoder, folder, tokenizer=od.make_tokenizer(), meta=meta, extra=extra)
@@ -152,7 +153,7 @@ def test_greedy_answers_match_pytorch(task, exported, runtime):
     model = exported[2][0]
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, (1, 28, 28), dtype=np.uint8)
-    clip = rng.integers(0, 256, (1, 9, 40, 40), dtype=np.uint8)
+    clip = rng.integers(0, 256, (1, 9, od.CLIP_SIZE, od.CLIP_SIZE), dtype=np.uint8)
     speech, word = _speech(2.2, 1), _speech(1.3, 2)
     data = od.WorldData(
         images=image, image_labels=np.array([7]), image_codes=None,
@@ -184,14 +185,14 @@ def test_generated_media_decode_like_pytorch(exported, runtime):
     speech = runtime.generate_media("say one two", "audio", seed=1)[0]
     assert speech.dtype == np.float32 and 1 <= len(speech) <= 3 and speech.shape[1] == od.WORD_FRAMES * 320
     clips = runtime.generate_media("show a seven moving left", "video", seed=2, temperature=0.0)
-    assert clips[0].shape == (9, 40, 40) and clips[0].dtype == np.uint8
+    assert clips[0].shape == (9, od.CLIP_SIZE, od.CLIP_SIZE) and clips[0].dtype == np.uint8
     # the spans the sampler writes hold exactly their codes, and decode as the PyTorch tokenizers do
     logits = runtime._prefill(runtime.prompt_ids("draw a seven")[0], None)
     ids = runtime._decode(logits, 400, 1.0, np.random.default_rng(0), only="video")
     assert (
         ids[0] == vocab.marker("video", "begin")
         and ids[-1] == vocab.marker("video", "end")
-        and len(ids) == 302
+        and len(ids) == od.KEYFRAMES * od.VIDEO_GRID + 2
     )
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 1000, (od.IMAGE_CODES,), generator=g)
@@ -200,7 +201,7 @@ def test_generated_media_decode_like_pytorch(exported, runtime):
     assert np.abs(runtime.decode_image(codes.numpy()).astype(int) - np.round(want * 255)).max() <= 1
     keys = torch.randint(0, 1000, (od.KEYFRAMES * od.VIDEO_GRID,), generator=g)
     tok40 = at_size(tok, od.CLIP_SIZE)
-    want = decode_clips(tok40, fill_between(tok40, interp, keys.view(1, 3, 10, 10), od.KEY_EVERY))[0, :, 0]
+    want = decode_clips(tok40, fill_between(tok40, interp, keys.view(1, 3, 11, 11), od.KEY_EVERY))[0, :, 0]
     np.testing.assert_allclose(runtime.video_frames(keys.numpy()), want, atol=1e-3, rtol=0)
     words = torch.randint(0, 2000, (2, od.AUDIO_CODES), generator=g)
     want = od.audio_waves(codec, words).numpy()
@@ -214,12 +215,12 @@ def test_guided_generation_matches_pytorch(exported, runtime):
     model = exported[2][0]
     m = exported[1]
     assert m["sampling"]["condition_ids"] == [od.WORDS.index(w) for w in od.CONDITION_WORDS]
-    assert runtime.sampling == {"temperature": 0.7, "guidance": 3.0}
+    assert runtime.sampling == {"temperature": 0.7, "guidance": {"image": 3.0, "audio": 2.0, "video": 1.5}}
     data = od.WorldData(
         images=np.zeros((1, 28, 28), np.uint8), image_labels=np.array([7]), image_codes=None,
         seq_mels=torch.zeros(1, 80, 300), seq_digits=[(1, 2)], word_mels=torch.zeros(1, 80, 100),
         word_labels=np.array([1]), tts_codes=None, tts_labels=np.zeros(0, np.int64),
-        clips=np.zeros((1, 9, 40, 40), np.uint8), clip_labels=np.array([7]), clip_directions=np.array([0]),
+        clips=np.zeros((1, 9, od.CLIP_SIZE, od.CLIP_SIZE), np.uint8), clip_labels=np.array([7]), clip_directions=np.array([0]),
         clip_words=np.array([0]), clip_codes=None,
     )  # fmt: skip
     rng = np.random.default_rng(0)
@@ -236,8 +237,13 @@ def test_guided_generation_matches_pytorch(exported, runtime):
     assert want[1.0] != want[50.0]  # the unconditional twin moved the picks
     image = runtime.generate_media(
         "draw a seven", "image", n_candidates=2, seed=1
-    )  # the bundle's 3.0 and 0.7
+    )  # the bundle's 3.0 for images, at 0.7
     assert [x.shape for x in image] == [(28, 28)] * 2
+    logits, guide = runtime._prefill_guided(prompt, 3.0)  # the image's own scale, not the audio's or video's
+    rng = np.random.default_rng(1)
+    for got in image:
+        ids = runtime._decode(logits, runtime.lengths["image"] + 3, 0.7, rng, "image", guide)
+        assert np.array_equal(runtime.decode_image(runtime.spans(ids, "image")[0]), got)
     with pytest.raises(EngineError, match="guidance must be in"):
         runtime.generate_media("draw a seven", "image", guidance=0.0)
 
@@ -260,7 +266,7 @@ def test_runtime_process_never_imports_torch(exported, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["str", "str", "str", "(9,", "40,", "40)"]
+    assert out.stdout.split() == ["str", "str", "str", "(9,", "44,", "44)"]
 
 
 def test_refuses_altered_bundles_and_bad_inputs(exported, runtime, tmp_path):
@@ -280,6 +286,8 @@ def test_refuses_altered_bundles_and_bad_inputs(exported, runtime, tmp_path):
     m = json.loads((exported[0] / "bundle" / MANIFEST).read_text())
     for sampling, message in [
         ({"guidance": -1}, "guidance in"),
+        ({"guidance": {"image": 2.0, "smell": 2.0}}, "one per modality"),
+        ({"guidance": {"image": 0}}, "guidance in"),
         ({"condition_ids": [10**6]}, "word ids below"),
     ]:
         (copy / MANIFEST).write_text(json.dumps(m | {"sampling": m["sampling"] | sampling}))

@@ -85,6 +85,18 @@ def test_direction_clips_refuse_bad_input():
         direction_clips(_digits(1), np.zeros(1), np.array([4]))
     with pytest.raises(MediaError, match="size"):
         direction_clips(_digits(1), np.zeros(1), np.zeros(1), size=30)
+    with pytest.raises(MediaError, match="align"):
+        direction_clips(_digits(1), np.zeros(1), np.zeros(1), size=44, align=3)
+
+
+def test_aligned_clips_keep_keyframes_on_the_cell_grid():
+    n = 40
+    clips = direction_clips(
+        _digits(n), np.arange(n) % 10, np.arange(n) % 4, size=44, frames=9, seed=1, align=4
+    )
+    keys = clips.corners[:, ::4]  # frames 0, 4, 8: 16 px in 8 frames puts each keyframe on a 4 px cell
+    assert (keys % 4 == 0).all()
+    assert len(np.unique(clips.corners[:, 0].min(-1))) > 1  # the offset across the motion still varies
 
 
 def test_trim_and_word_clip():

@@ -14,6 +14,7 @@ from omni_train.errors import TrainError
 from omni_train.omni import OmniConfig, OmniModel, OmniTrainConfig, loss_of, train_omni
 from omni_train.omni_data import (
     AUDIO_CODES,
+    CLIP_SIZE,
     IMAGE_CODES,
     KEYFRAMES,
     TASKS,
@@ -42,7 +43,7 @@ def _world(n: int = 16, seed: int = 0) -> WorldData:
         seq_digits=[tuple(int(d) for d in rng.integers(0, 10, 1 + i % 3)) for i in range(n)],
         word_mels=torch.randn(n, 80, 100, generator=g).half(), word_labels=np.arange(n) % 10,
         tts_codes=torch.randint(0, 2000, (n, AUDIO_CODES), generator=g), tts_labels=np.arange(n) % 10,
-        clips=rng.integers(0, 256, (n, 9, 40, 40), dtype=np.uint8), clip_labels=np.arange(n) % 10,
+        clips=rng.integers(0, 256, (n, 9, CLIP_SIZE, CLIP_SIZE), dtype=np.uint8), clip_labels=np.arange(n) % 10,
         clip_directions=np.arange(n) % 4, clip_words=np.arange(n),
         clip_codes=torch.randint(0, 1000, (n, KEYFRAMES * VIDEO_GRID), generator=g),
     )  # fmt: skip
@@ -133,7 +134,10 @@ def test_generation_keeps_spans_whole(world):
     torch.manual_seed(0)
     model = OmniModel(TINY).eval()
     g = torch.Generator().manual_seed(0)
-    for task, modality, n in (("text_to_image", "image", IMAGE_CODES), ("text_to_video", "video", 300)):
+    for task, modality, n in (
+        ("text_to_image", "image", IMAGE_CODES),
+        ("text_to_video", "video", KEYFRAMES * VIDEO_GRID),
+    ):
         b = make_batch(task, world, np.arange(3), model.vocab, np.random.default_rng(0), model.n_image_tokens,
                        train=False)  # fmt: skip
         rows = generate(model, b, n + 3, temperature=1.0, generator=g)

@@ -192,9 +192,16 @@ def render_omni_section(report: OmniReport) -> str:
         f"{_pct(u['video_to_text_direction'])}, the word said in the sound track {_pct(u['video_to_text_spoken_word'])}; "
         f"speech -> text sequences exactly right {_pct(u['speech_to_text_exact'])}; text -> video clips right in "
         f"every frame {_pct(g['text_to_video_clips'])}. Understanding answers are greedy; generation samples at "
-        f"temperature {rec.get('temperature', 1.0):g} with classifier-free guidance {rec.get('guidance', 1.0):g} "
+        f"temperature {rec.get('temperature', 1.0):g} with classifier-free guidance {_guidance(rec.get('guidance', 1.0))} "
         "(1: none).",
         f"<!-- bench:{SECTION}:end -->",
         "",
     ]
     return "\n".join(lines)
+
+
+def _guidance(g: Any) -> str:
+    """The recipe's guidance: one scale, or one per output modality ([[modality, scale], ...])."""
+    if isinstance(g, list | tuple):
+        return ", ".join(f"{scale:g} for {modality}" for modality, scale in g)
+    return f"{g:g}"

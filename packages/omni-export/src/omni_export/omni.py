@@ -2,8 +2,8 @@
 
 The bundle holds the decoder (`decoder/`, export_onnx with a `media_embeds` input for the three
 placeholder ids), the media graphs (`media/`, export_media: the image, clip and speech encoders that
-fill the placeholders, the image tokenizer's decoder at 28 px and at the 40 px video canvas, the codec's
-decoder and the keyframe interpolator on the 10 x 10 grid) and `omni-bundle.json`: the token layout,
+fill the placeholders, the image tokenizer's decoder at 28 px and at the 44 px video canvas, the codec's
+decoder and the keyframe interpolator on the 11 x 11 grid) and `omni-bundle.json`: the token layout,
 the span lengths, every file's sha256, the parity of every graph against PyTorch and a multimodal
 prefill (ONNX encoders feeding the ONNX decoder against the PyTorch model). omni_runtime.omni runs it
 without torch. The layout numbers that no checkpoint file records (prompt seconds, frames per spoken
@@ -59,7 +59,7 @@ class OmniLayout:
     word_frames: int = 32  # codec frames per spoken word in an audio output span
     max_words: int = 3  # the most spoken words (audio spans) in one training answer
     clip_frames: int = 9
-    clip_size: int = 40
+    clip_size: int = 44
     input_frames: tuple[int, ...] = (0, 4, 8)  # the frames the clip encoder reads
     keyframes: int = 3  # a video output span: these frames' image-tokenizer grids
     key_every: int = 4  # frames from one keyframe to the next; the ones between are interpolated
@@ -169,11 +169,17 @@ def _load(folder: Path) -> _Model:
 
 def _sampling(s: Any, tokenizer: Any, folder: Path) -> dict[str, Any] | None:
     """meta.omni.sampling (what the model's figures were sampled with) for the runtime: its condition
-    words, which classifier-free guidance drops from a prompt, as token ids."""
+    words, which classifier-free guidance drops from a prompt, as token ids. Guidance is one scale per
+    output modality (a single number: the same for all)."""
     if s is None:
         return None
     try:
-        t, g, words = float(s["temperature"]), float(s["guidance"]), list(s["condition_words"])
+        t, g, words = float(s["temperature"]), s["guidance"], list(s["condition_words"])
+        g = (
+            {m: float(g[m]) for m in ("image", "audio", "video")}
+            if isinstance(g, dict)
+            else dict.fromkeys(("image", "audio", "video"), float(g))
+        )
         ids = [tokenizer.token_to_id(str(w)) for w in words]
     except (KeyError, TypeError, ValueError) as e:
         raise ExportError(f"{folder}/omnicoder.json: meta.omni.sampling: {e}") from None

@@ -123,9 +123,11 @@ def direction_clips(
     size: int = 40,
     frames: int = 9,
     seed: int = 0,
+    align: int = 1,
 ) -> DirectionClips:
     """Clip i: `images[i]` crossing the canvas in `DIRECTIONS[directions[i]]`, from one edge to the
-    other in `frames` frames, at a random offset across the motion."""
+    other in `frames` frames, at a random offset across the motion (a multiple of `align` pixels: with
+    an image tokenizer's cell size, a keyframe on the cell grid holds the digit's own codes)."""
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (DIGIT, DIGIT):
         raise MediaError(f"images must be uint8 (N, 28, 28), got {images.dtype} {images.shape}")
     if len(labels) != len(images) or len(directions) != len(images):
@@ -134,13 +136,15 @@ def direction_clips(
         raise MediaError(f"size must be an integer >= {DIGIT + 4}, got {size!r}")
     if not isinstance(frames, int) or frames < 2:
         raise MediaError(f"frames must be an integer >= 2, got {frames!r}")
+    if not isinstance(align, int) or align < 1 or (size - DIGIT) % align:
+        raise MediaError(f"align must be a positive integer dividing size - {DIGIT}, got {align!r}")
     directions = np.asarray(directions, np.int64)
     if len(directions) and (directions.min() < 0 or directions.max() >= len(DIRECTIONS)):
         raise MediaError(f"directions must index {DIRECTIONS}")
     rng = np.random.default_rng(seed)
     span = size - DIGIT
     n = len(images)
-    across = rng.integers(0, span + 1, n)
+    across = rng.integers(0, span // align + 1, n) * align
     along = np.rint(np.linspace(0, span, frames)).astype(np.int64)  # (T,)
     corners = np.zeros((n, frames, 2), np.int64)
     clips = np.zeros((n, frames, size, size), np.uint8)

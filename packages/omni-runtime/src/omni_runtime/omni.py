@@ -102,8 +102,10 @@ def _check_sampling(s: Any, text_vocab: int, path: Path) -> None:
     if not isinstance(s, dict):
         raise EngineError(f"{path}: sampling must be an object")
     t, g, cond = s.get("temperature", 1.0), s.get("guidance", 1.0), s.get("condition_ids", [])
-    if not (_number(t) and t >= 0) or not (_number(g) and 0 < g <= 100):
-        raise EngineError(f"{path}: sampling temperature must be >= 0 and guidance in (0, 100]")
+    scales = list(g.values()) if isinstance(g, dict) and set(g) <= set(MODALITIES) else [g]
+    if not (_number(t) and t >= 0) or not all(_number(x) and 0 < x <= 100 for x in scales):
+        raise EngineError(f"{path}: sampling temperature must be >= 0 and guidance in (0, 100] "
+                          f"(one number, or one per modality of {', '.join(MODALITIES)})")  # fmt: skip
     if not isinstance(cond, list) or not all(_int(x) and 0 <= x < text_vocab for x in cond):
         raise EngineError(f"{path}: sampling.condition_ids must be word ids below {text_vocab}")
 
@@ -130,9 +132,10 @@ class OmniRuntime:
         self.engine = OrtEngine(self.folder / m["decoder"], threads=threads, spin=False)
         self.threads, self._twin = threads, None  # the unconditional twin guidance runs beside the engine
         s = m.get("sampling") or {}
-        self.sampling = {
+        g = s.get("guidance", 1.0)
+        self.sampling = {  # guidance: a scale per output modality
             "temperature": float(s.get("temperature", 1.0)),
-            "guidance": float(s.get("guidance", 1.0)),
+            "guidance": {k: float(g.get(k, 1.0) if isinstance(g, dict) else g) for k in MODALITIES},
         }
         self._condition = frozenset(s.get("condition_ids", []))
         self.media = MediaRuntime(self.folder / m["media"], threads=threads)
@@ -190,7 +193,7 @@ class OmniRuntime:
 
     def encode_video(self, video: VideoInput) -> tuple[np.ndarray, np.ndarray]:
         """(n, D) features of a clip's frames and (m, D) of its sound track (its first word's second;
-        silence when it has none). Frames are read as 40 x 40 grey; the encoder sees frames 0, 4 and 8 of
+        silence when it has none). Frames are read as the layout's size (44 x 44), grey; the encoder sees frames 0, 4 and 8 of
         9 (in general: the same fractions of the clip)."""
         lay = self.layout["video"]
         if isinstance(video, tuple):
@@ -361,19 +364,20 @@ class OmniRuntime:
     def generate_media(self, prompt: str, modality: Modality, n_candidates: int = 1, seed: int = 0,
                        temperature: float | None = None, guidance: float | None = None) -> list[np.ndarray]:  # fmt: skip
         """`n_candidates` samples (temperature 0: greedy) of the asked modality, decoded: image (28, 28)
-        uint8; audio (words, samples) float32 at 16 kHz, one row per spoken word; video (9, 40, 40) uint8.
-        Temperature and classifier-free guidance (1: none) default to the bundle's `sampling`, the ones
-        its figures were measured at; guidance runs the prompt a second time with its condition words
+        uint8; audio (words, samples) float32 at 16 kHz, one row per spoken word; video (9, 44, 44) uint8
+        (the layout's frames and size). Temperature and classifier-free guidance (1: none) default to the
+        bundle's `sampling` (its guidance: one scale per modality), the ones its figures were measured
+        at; guidance runs the prompt a second time with its condition words
         (the digits, directions and articles) replaced by <|unk|>, as the model was trained to read."""
         temperature = self.sampling["temperature"] if temperature is None else temperature
-        guidance = self.sampling["guidance"] if guidance is None else guidance
+        if modality not in MODALITIES:
+            raise EngineError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+        guidance = self.sampling["guidance"][modality] if guidance is None else guidance
         if not (_number(guidance) and 0 < guidance <= 100):
             raise EngineError(f"guidance must be in (0, 100], got {guidance!r}")
         if guidance != 1 and not self._condition:
             raise EngineError(f"{self.folder}: the bundle names no condition words, so it cannot be guided "
                               "(re-export it, or ask for guidance 1)")  # fmt: skip
-        if modality not in MODALITIES:
-            raise EngineError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
         if isinstance(n_candidates, bool) or not isinstance(n_candidates, int) or n_candidates < 1:
             raise EngineError(f"n_candidates must be a positive integer, got {n_candidates!r}")
         if not (isinstance(temperature, int | float) and 0 <= temperature < float("inf")):
@@ -428,7 +432,7 @@ class OmniRuntime:
         return self.media.run("audio_decoder", c)[0].astype(np.float32)
 
     def video_frames(self, codes: np.ndarray) -> np.ndarray:
-        """(300,) keyframe codes -> (9, 40, 40) float frames in [0, 1], the in-betweens interpolated as
+        """(keyframes * grid cells,) codes, 363 by default -> (9, 44, 44) float frames in [0, 1], the in-betweens interpolated as
         omni_media.keyframes.fill_between makes them."""
         v = self.layout["video"]
         keys = np.asarray(codes, np.int64).reshape(v["keyframes"], *v["grid"])  # (K, h, w)
@@ -447,7 +451,7 @@ class OmniRuntime:
         return self.media.run("frame_decoder", np.stack(frames))[0][:, 0]
 
     def decode_video(self, codes: np.ndarray) -> np.ndarray:
-        """(300,) keyframe codes -> (9, 40, 40) uint8 frames."""
+        """(keyframes * grid cells,) codes -> (frames, size, size) uint8 frames."""
         return _to_uint8(self.video_frames(codes))
 
     def _fsq_codes(self, tokens: np.ndarray) -> np.ndarray:

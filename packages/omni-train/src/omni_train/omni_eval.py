@@ -191,9 +191,10 @@ def _best(scores: Tensor, k: int) -> Tensor:
 @torch.no_grad()
 def generation(model: OmniModel, data: WorldData, decoders: MediaDecoders, judges: Judges, n: dict[str, int],
                verifier: Any | None = None, n_candidates: int = 4, temperature: float = 1.0, top_k: int = 0,
-               guidance: float = 1.0, batch_size: int = 32, seed: int = 0) -> dict[str, float]:  # fmt: skip
-    """Generation figures (sampled at `temperature`, `top_k`, classifier-free `guidance`); with a
-    verifier, also the best of n_candidates samples per request."""
+               guidance: float | dict[str, float] = 1.0, batch_size: int = 32,
+               seed: int = 0) -> dict[str, float]:  # fmt: skip
+    """Generation figures (sampled at `temperature`, `top_k`, classifier-free `guidance`: one scale, or
+    one per output modality); with a verifier, also the best of n_candidates samples per request."""
     from omni_media.keyframes import at_size
 
     g = torch.Generator().manual_seed(seed)
@@ -204,7 +205,9 @@ def generation(model: OmniModel, data: WorldData, decoders: MediaDecoders, judge
         res = []
         for b in _batches(task, data, model, count, max(1, batch_size // k), seed, key):
             rep = Batch(b.task, b.ids.repeat_interleave(k, 0), b.targets, b.media, b.prompt_len)
-            gen = generate(model, rep, max_new, temperature, top_k, g, guidance)
+            scale = guidance[task.removeprefix("text_to_").replace("speech", "audio")] if isinstance(
+                guidance, dict) else guidance  # fmt: skip
+            gen = generate(model, rep, max_new, temperature, top_k, g, scale)
             res += [(a, gen[i * k : (i + 1) * k]) for i, a in enumerate(b.answers)]
         return res
 
@@ -240,11 +243,11 @@ def generation(model: OmniModel, data: WorldData, decoders: MediaDecoders, judge
         out["text_to_speech_reranked"] = right_best / total
     # text -> video: keyframes, interpolated, judged frame by frame; the verifier scores the digit in
     # each frame (it cannot see motion)
-    tok40 = at_size(decoders.image_tokenizer, CLIP_SIZE)
+    frame_tok = at_size(decoders.image_tokenizer, CLIP_SIZE)
     frames = CLIP_FRAMES
     right = {"one": [0, 0], "best": [0, 0]}  # frames right, clips right in every frame
     for (d, direction), cands in sample("text_to_video", n["text_to_video"], KEYFRAMES * VIDEO_GRID + 3):
-        clips = [_clip(model, tok40, decoders.interpolator, c) for c in cands]
+        clips = [_clip(model, frame_tok, decoders.interpolator, c) for c in cands]
         judged = [_judge_clip(judges.image, c, d, direction, frames) for c in clips]
         picks = {"one": 0}
         if verifier is not None:
