@@ -46,7 +46,7 @@ def bundle(tmp_path_factory):
     result = runner.invoke(cli.app, ["--threads", "1", "export", "--model", str(root / "model"), "--format", "omni",
                                      "--out", str(root / "bundle")])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "float32 decoder, 7 media graphs" in result.stdout and "parity against PyTorch" in result.output
+    assert "float32 decoder, 9 media graphs" in result.stdout and "parity against PyTorch" in result.output
     return root
 
 
@@ -95,7 +95,7 @@ def test_answers_questions_about_media(option, prompt, bundle, inputs):
 def test_writes_media_that_reads_back(bundle, inputs, tmp_path):
     from omni_media.audio import read_wav
     from omni_media.video import read_video
-    from omni_runtime.omni import read_clip
+    from omni_runtime.omni import OmniRuntime, read_clip
 
     result = _generate(bundle, "draw a seven", "--output-modality", "image", "--output", tmp_path / "seven.png",
                        "--guidance", "2")  # fmt: skip
@@ -103,6 +103,15 @@ def test_writes_media_that_reads_back(bundle, inputs, tmp_path):
     assert "wrote" in result.stdout and "28 x 28 image" in result.stdout
     with Image.open(tmp_path / "seven.png") as img:
         assert img.size == (28, 28) and img.mode == "L"
+    # several candidates: the one the bundle's verifier ranks first is written
+    result = _generate(bundle, "draw a seven", "--output-modality", "image", "--output", tmp_path / "best.png",
+                       "--candidates", "3", "--seed", "4")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "the verifier's pick of 3 (scores" in result.output
+    rt = OmniRuntime(bundle / "bundle", threads=1)
+    best = rt.generate_media("draw a seven", "image", 3, seed=4)[0]
+    with Image.open(tmp_path / "best.png") as img:
+        assert np.array_equal(np.asarray(img), best)
     result = _generate(bundle, "say one two", "--output-modality", "audio", "--output", tmp_path / "say.wav",
                        "--temperature", "1", "--seed", "3")  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -136,6 +145,8 @@ def test_bad_inputs_are_one_line_errors(bundle, inputs, tmp_path):
         (["draw a seven", "--engine", "torch"], "an omni bundle runs with onnx"),
         (["draw a seven", "--output-modality", "image", "--output", tmp_path / "x.png", "--guidance", "0"], "must be in (0, 100]"),
         (["what is this?", "--image", inputs["--image"], "--guidance", "2"], "needs --output-modality"),
+        (["draw a seven", "--output-modality", "image", "--output", tmp_path / "x.png", "--candidates", "0"], "must be in 1..64"),
+        (["what is this?", "--image", inputs["--image"], "--candidates", "2"], "needs --output-modality"),
     ]  # fmt: skip
     results = [(_generate(bundle, *args), message) for args, message in cases]
     results.append((runner.invoke(cli.app, ["generate", "what?", "--model", str(tmp_path), "--image",

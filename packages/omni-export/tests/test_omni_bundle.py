@@ -25,6 +25,7 @@ from omni_media.codec import AudioCodec, CodecConfig, save_codec
 from omni_media.image_tokenizer import ImageTokenizer, ImageTokenizerConfig, save_image_tokenizer
 from omni_media.interpolate import InterpolatorConfig, KeyframeInterpolator, save_interpolator
 from omni_media.keyframes import at_size, decode_clips, fill_between
+from omni_media.verifier import CrossModalVerifier, VerifierConfig, save_verifier
 from omni_runtime.engine import EngineError
 from omni_runtime.omni import OmniRuntime
 from omni_train import omni_data as od
@@ -51,8 +52,8 @@ def tiny_parts(seed: int = 0):
     return model, tok, codec, interp
 
 
-def save_folder(model, tok, codec, interp, folder) -> None:
-    """What press_play.omni_cmd.save_omni writes, less the verifier and figures (the export reads neither)."""
+def save_folder(model, tok, codec, interp, folder, verifier=None) -> None:
+    """What press_play.omni_cmd.save_omni writes, less the figures (the export does not read them)."""
     from safetensors.torch import save_file
 
     from omni_model.native import save
@@ -64,6 +65,8 @@ def save_folder(model, tok, codec, interp, folder) -> None:
         save_image_tokenizer(tok, tmp / "image_tokenizer.safetensors")
         save_codec(codec, tmp / "codec.safetensors")
         save_interpolator(interp, tmp / "interpolator.safetensors")
+        if verifier is not None:
+            save_verifier(verifier, tmp / "verifier.safetensors")
 
     vocab = od.media_vocab()
     sampling = {"temperature": 0.7, "guidance": {"image": 3.0, "audio": 2.0, "video": 1.5},
@@ -90,12 +93,13 @@ def exported(tmp_path_factory):
     parts = tiny_parts()
     open_image_spans(parts[0])
     root = tmp_path_factory.mktemp("omni")
-    save_folder(*parts, root / "model")
+    verifier = CrossModalVerifier(VerifierConfig(dim=8, image_width=4, audio_width=8)).eval()
+    save_folder(*parts, root / "model", verifier=verifier)
     steps = []
     manifest = export_omni(
         root / "model", root / "bundle", on_progress=lambda w, d, n: steps.append((w, d, n))
     )
-    return root, manifest, parts, steps
+    return root, manifest, parts, steps, verifier
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +123,12 @@ def _mel(wave: np.ndarray, seconds: float) -> torch.Tensor:
 
 
 def test_manifest_records_layout_files_and_parity(exported):
-    root, m, _, steps = exported
+    root, m, _, steps, _ = exported
     bundle = root / "bundle"
-    assert steps[0][0] == "loading the model" and steps[-1] == ("done", 11, 11)
-    assert [w for w, _, _ in steps[2:9]] == [f"exporting {g}" for g in m["graphs"]]
+    assert steps[0][0] == "loading the model" and steps[-1] == ("done", 13, 13)
+    assert [w for w, _, _ in steps[2:11]] == [f"exporting {g}" for g in m["graphs"]]
+    assert {"verifier_image", "verifier_audio"} <= set(m["graphs"])
+    assert m["verifier"]["word_ids"] == [od.WORDS.index(w) for w in od.DIGIT_WORDS]
     assert json.loads((bundle / MANIFEST).read_text()) == m
     on_disk = {p.relative_to(bundle).as_posix(): p.stat().st_size for p in bundle.rglob("*") if p.is_file()}
     assert {k: f["bytes"] for k, f in m["files"].items()} == {
@@ -131,7 +137,7 @@ def test_manifest_records_layout_files_and_parity(exported):
     assert m["bytes"] == sum(on_disk.values()) - on_disk[MANIFEST]
     assert {"decoder/model.onnx", "decoder/tokenizer.json", "media/media.json"} <= set(m["files"])
     p = m["parity"]
-    assert max(p["graphs"].values()) <= 1e-3 and len(p["graphs"]) == 7
+    assert max(p["graphs"].values()) <= 1e-3 and len(p["graphs"]) == 9
     assert p["decoder"]["greedy_tokens_agreeing"] == p["decoder"]["greedy_tokens_compared"]
     assert p["media_prefill"]["max_abs_logits_diff"] <= 1e-3 and p["media_prefill"]["greedy_next_agrees"]
     vocab = od.media_vocab()
@@ -236,7 +242,7 @@ def test_guided_generation_matches_pytorch(exported, runtime):
             assert runtime._decode(logits, 60, guide=guide) == want[g]
     assert want[1.0] != want[50.0]  # the unconditional twin moved the picks
     image = runtime.generate_media(
-        "draw a seven", "image", n_candidates=2, seed=1
+        "draw a seven", "image", n_candidates=2, seed=1, rerank=False
     )  # the bundle's 3.0 for images, at 0.7
     assert [x.shape for x in image] == [(28, 28)] * 2
     logits, guide = runtime._prefill_guided(prompt, 3.0)  # the image's own scale, not the audio's or video's
@@ -246,6 +252,33 @@ def test_guided_generation_matches_pytorch(exported, runtime):
         assert np.array_equal(runtime.decode_image(runtime.spans(ids, "image")[0]), got)
     with pytest.raises(EngineError, match="guidance must be in"):
         runtime.generate_media("draw a seven", "image", guidance=0.0)
+
+
+def test_the_verifier_scores_and_reranks_as_in_pytorch(exported, runtime):
+    """The bundle's verifier graphs score candidates as omni_media.verifier does, against the digit words
+    of the prompt, and generate_media returns its candidates best first."""
+    from omni_media.image import digit_windows
+
+    verifier = exported[4]
+    rng = np.random.default_rng(0)
+    images = list(rng.integers(0, 256, (3, 28, 28), dtype=np.uint8))
+    want = verifier.image_logits(np.stack(images))[:, 7].numpy()
+    np.testing.assert_allclose(runtime.verify("draw a seven", "image", images), want, atol=1e-4)
+    clips = list(rng.integers(0, 256, (2, 9, od.CLIP_SIZE, od.CLIP_SIZE), dtype=np.uint8))
+    want = [float(verifier.image_logits(digit_windows(c))[:, 3].mean()) for c in clips]
+    np.testing.assert_allclose(runtime.verify("show a three moving up", "video", clips), want, atol=1e-4)
+    n = od.WORD_FRAMES * 320
+    speech = [0.1 * rng.standard_normal((2, n)).astype(np.float32), np.zeros((1, n), np.float32)]
+    logits = verifier.audio_logits(list(speech[0])).numpy()
+    got = runtime.verify("say one two", "audio", speech)
+    assert (
+        got[0] == pytest.approx(logits[0, 1] + logits[1, 2], abs=1e-3) and got[1] == -np.inf
+    )  # one word of two
+    assert runtime.verify("show me a picture", "image", images) is None  # no digit asked: nothing to score
+    drawn = runtime.generate_media("draw a seven", "image", n_candidates=4, seed=5, rerank=False)
+    ranked = runtime.generate_media("draw a seven", "image", n_candidates=4, seed=5)
+    order = np.argsort(-runtime.verify("draw a seven", "image", drawn), kind="stable")
+    assert all(np.array_equal(a, drawn[i]) for a, i in zip(ranked, order, strict=True))
 
 
 def test_runtime_process_never_imports_torch(exported, tmp_path):
@@ -261,7 +294,8 @@ def test_runtime_process_never_imports_torch(exported, tmp_path):
         "c = rt.answer('what is said?', video=(np.zeros((9, 40, 40), np.uint8), None))\n"
         "w = rt.generate_media('say one', 'audio', temperature=0.5)[0]\n"
         f"write_wav({str(tmp_path / 'x.wav')!r}, w.reshape(-1))\n"
-        "v = rt.generate_media('show a one moving up', 'video')[0]\n"
+        "v = rt.generate_media('show a one moving up', 'video', n_candidates=2)[0]\n"  # reranked, torch-free
+        "assert rt.verify('say one', 'audio', [w]) is not None\n"
         "print(type(a).__name__, type(b).__name__, type(c).__name__, v.shape)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -291,6 +325,16 @@ def test_refuses_altered_bundles_and_bad_inputs(exported, runtime, tmp_path):
         ({"condition_ids": [10**6]}, "word ids below"),
     ]:
         (copy / MANIFEST).write_text(json.dumps(m | {"sampling": m["sampling"] | sampling}))
+        with pytest.raises(EngineError, match=message):
+            OmniRuntime(copy)
+    shutil.copy(exported[0] / "bundle" / "media" / "audio_decoder.onnx", copy / "media")  # whole again
+    for verifier, message in [
+        ({"word_ids": [10**6]}, "word_ids must be word ids below"),
+        ({"word_ids": [5, 5]}, "repeat a word"),
+        ({"image": "../x"}, "must name its image and audio graphs"),
+        ({"audio": "nope"}, "are not in its media"),
+    ]:
+        (copy / MANIFEST).write_text(json.dumps(m | {"verifier": m["verifier"] | verifier}))
         with pytest.raises(EngineError, match=message):
             OmniRuntime(copy)
     bad = [

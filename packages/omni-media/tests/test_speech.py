@@ -15,6 +15,7 @@ from omni_media.speech import (
     TRAIN_VOICES,
     ClassifierTrainConfig,
     accuracy,
+    digit_features,
     digit_split,
     list_variants,
     list_voices,
@@ -141,6 +142,12 @@ def test_spoken_digits_are_labelled_deterministic_and_varied():
 def test_pad_batch_cuts_and_pads():
     out = pad_batch([np.ones(3, np.float32), np.ones(10, np.float32)], 5)
     np.testing.assert_array_equal(out, [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+
+
+def test_digit_features_refuse_a_clip_that_is_not_1d():
+    assert digit_features([np.zeros(8000, np.float32)]).shape == (1, 80, 100)
+    with pytest.raises(MediaError, match=r"clip 1: expected 1-D samples, got shape \(2, 800\)"):
+        digit_features([np.zeros(800, np.float32), np.zeros((2, 800), np.float32)])
 
 
 def test_classifier_beats_chance_on_unseen_voices():

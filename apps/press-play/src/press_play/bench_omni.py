@@ -78,7 +78,8 @@ def measure_bundle(model: Path, threads: int, rounds: int, weights: str = "float
         mnist = load_mnist()
         image = mnist.test_images[0]
         speech = synthesize("three one four", TEST_VOICES[0])
-        clip = direction_clips(mnist.test_images[1:2], mnist.test_labels[1:2], np.array([0]), seed=0).clips[0]
+        clip = direction_clips(mnist.test_images[1:2], mnist.test_labels[1:2], np.array([0]),
+                               size=rt.layout["video"]["size"], seed=0).clips[0]  # fmt: skip
         word = synthesize("two", TEST_VOICES[1])
         cases = {
             "image -> text": lambda: rt.answer("what digit is this?", image=image),
@@ -88,6 +89,11 @@ def measure_bundle(model: Path, threads: int, rounds: int, weights: str = "float
             "text -> speech (1 word)": lambda: rt.generate_media("say seven", "audio", seed=0),
             "text -> video": lambda: rt.generate_media("show a seven moving up", "video", seed=0),
         }  # fmt: skip
+        if rt.verifier is not None:  # the cost of reranking on device: 4 candidates drawn and scored
+            cases["text -> image, best of 4"] = lambda: rt.generate_media("draw a seven", "image", 4, seed=0)
+            cases["text -> speech (1 word), best of 4"] = lambda: rt.generate_media(
+                "say seven", "audio", 4, seed=0
+            )
         latency = {}
         for name, call in cases.items():
             call()  # warm-up

@@ -176,6 +176,14 @@ def generate(
     output: Annotated[
         Path | None, typer.Option("--output", help="With --output-modality: the PNG, WAV or MP4 to write.")
     ] = None,
+    candidates: Annotated[
+        int,
+        typer.Option(
+            "--candidates",
+            help="Omni bundle: draw this many media answers and write the one the bundle's cross-modal "
+            "verifier scores best against the digits asked for.",
+        ),
+    ] = 1,
 ) -> None:
     """Generate text from a prompt, streamed to stdout; tokens/s goes to stderr. An omni bundle (press-play
     export --format omni) also takes --image, --audio and --video, and answers in --output-modality."""
@@ -189,10 +197,10 @@ def generate(
             if engine not in ("auto", "onnx"):
                 raise DataError(f"--engine {engine}: an omni bundle runs with onnx")
             generate_omni(model, prompt, image, audio, video, output_modality, output, max_new_tokens,
-                          temperature, seed or 0, guidance)  # fmt: skip
+                          temperature, seed or 0, guidance, candidates)  # fmt: skip
             return
-        if guidance is not None:
-            raise DataError("--guidance: only for an omni bundle's media answers")
+        if guidance is not None or candidates != 1:
+            raise DataError("--guidance, --candidates: only for an omni bundle's media answers")
         temperature = 0.2 if temperature is None else temperature
         config = SamplingConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -236,9 +244,12 @@ def is_omni_bundle(source: str) -> bool:
 
 def generate_omni(bundle: str, prompt: str, image: Path | None, audio: Path | None, video: Path | None,
                   modality: str | None, output: Path | None, max_new_tokens: int, temperature: float | None,
-                  seed: int, guidance: float | None = None) -> None:  # fmt: skip
-    """An omni bundle's answer: text on stdout, or an image, speech or a clip written to `output`."""
+                  seed: int, guidance: float | None = None, candidates: int = 1) -> None:  # fmt: skip
+    """An omni bundle's answer: text on stdout, or an image, speech or a clip written to `output` (with
+    `candidates` > 1, the one the bundle's verifier scores best)."""
     import time
+
+    import numpy as np
 
     from omni_runtime.omni import OmniRuntime
     from press_play.common import out, settings
@@ -265,6 +276,10 @@ def generate_omni(bundle: str, prompt: str, image: Path | None, audio: Path | No
         raise DataError(f"--guidance {guidance}: must be in (0, 100]")
     if guidance is not None and modality is None:
         raise DataError("--guidance steers a media answer; it needs --output-modality")
+    if not 1 <= candidates <= 64:
+        raise DataError(f"--candidates {candidates}: must be in 1..64")
+    if candidates != 1 and modality is None:
+        raise DataError("--candidates draws media answers; it needs --output-modality")
     with err.status(f"opening {escape(bundle)} with ONNX Runtime"):
         rt = OmniRuntime(bundle, threads=settings.threads)
     t0 = time.perf_counter()
@@ -273,13 +288,20 @@ def generate_omni(bundle: str, prompt: str, image: Path | None, audio: Path | No
         write(rt.tokenizer.decode([i for i in ids if i < rt.text_vocab], skip_special_tokens=True) + "\n")
         err.print(f"[dim]{len(ids)} tokens in {time.perf_counter() - t0:.2f}s[/dim]", soft_wrap=True)
         return
-    result = rt.generate_media(prompt, modality, seed=seed, temperature=temperature, guidance=guidance)[0]  # type: ignore[arg-type]
+    drawn = rt.generate_media(prompt, modality, candidates, seed, temperature, guidance, rerank=False)  # type: ignore[arg-type]
+    scores = rt.verify(prompt, modality, drawn) if candidates > 1 else None  # type: ignore[arg-type]
+    result = drawn[int(np.argmax(scores))] if scores is not None else drawn[0]
     took = time.perf_counter() - t0
     _write_media(output, modality, result, rt)  # type: ignore[arg-type]
     what = {"image": lambda r: f"{r.shape[1]} x {r.shape[0]} image",
             "audio": lambda r: f"{len(r)} spoken word{'s' * (len(r) != 1)}",
             "video": lambda r: f"{len(r)} frames of {r.shape[2]} x {r.shape[1]}"}[modality](result)  # fmt: skip
     out.print(f"wrote {escape(str(output))}: {what}", soft_wrap=True)
+    if candidates > 1:
+        err.print("[dim]" + (f"the verifier's pick of {candidates} (scores {', '.join(f'{x:.2f}' for x in scores)})"
+                             if scores is not None else
+                             f"the first of {candidates}: the bundle has no verifier, or the prompt names no "
+                             "digit for it to check") + "[/dim]", soft_wrap=True)  # fmt: skip
     err.print(f"[dim]generated in {took:.2f}s[/dim]", soft_wrap=True)
 
 

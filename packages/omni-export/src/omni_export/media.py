@@ -33,6 +33,7 @@ from omni_media.image import ImageProcessor
 from omni_media.image_tokenizer import ImageTokenizer
 from omni_media.interpolate import KeyframeInterpolator
 from omni_media.projector import Projector
+from omni_media.verifier import CrossModalVerifier
 from omni_media.video import VideoEncoder
 from omni_media.vision import VisionEncoder
 from omni_media.whisper import WhisperEncoder
@@ -192,6 +193,43 @@ def speech_input_graph(encoder: SpeechEncoder, frames: int = 300, batch: int = 2
     front = asdict(MelConfig(n_mels=encoder.n_mels, chunk_seconds=None))
     return MediaGraph("audio_input", encoder.eval(), {"mel": mel}, ("features",),
                       {"mel": {0: "batch", 2: "frames"}}, {"kind": "audio_input", "mel": front})  # fmt: skip
+
+
+class _VerifierLogits(nn.Module):
+    """One tower of a CrossModalVerifier with the word table folded in: media -> (B, n_words) scaled
+    cosines with every word (image_logits / audio_logits as a plain graph)."""
+
+    def __init__(self, verifier: CrossModalVerifier, tower: str):
+        super().__init__()
+        self.tower = getattr(verifier, tower)
+        words = torch.nn.functional.normalize(verifier.text.weight.detach(), dim=-1)
+        self.register_buffer("words", (verifier.scale().detach() * words).T.contiguous())  # (dim, n_words)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.normalize(self.tower(x), dim=-1) @ self.words
+
+
+def verifier_graphs(verifier: CrossModalVerifier, batch: int = 2) -> list[MediaGraph]:
+    """The cross-modal verifier (omni_media.verifier) as two graphs that score generated media against
+    every word: `verifier_image` on (B, 1, 28, 28) grey pixels in [0, 1], `verifier_audio` on the
+    (B, 80, 100) log-mel of one-second clips (omni_media.speech.digit_features: each clip cut or
+    padded to 16000 samples, the front end in meta)."""
+    from omni_media.speech import CLIP_SAMPLES
+    from omni_media.verifier import IMAGE_SHAPE, N_MELS
+
+    verifier = verifier.eval()
+    g = torch.Generator().manual_seed(0)
+    n = verifier.config.n_words
+    images = torch.rand(batch, *IMAGE_SHAPE, generator=g)
+    mel = torch.randn(batch, N_MELS, CLIP_SAMPLES // 160, generator=g)
+    front = asdict(MelConfig(n_mels=N_MELS, chunk_seconds=None))
+    return [
+        MediaGraph("verifier_image", _VerifierLogits(verifier, "image").eval(), {"images": images}, ("logits",),
+                   {"images": {0: "batch"}}, {"kind": "verifier_image", "image_size": IMAGE_SHAPE[-1], "words": n}),
+        MediaGraph("verifier_audio", _VerifierLogits(verifier, "audio").eval(), {"mel": mel}, ("logits",),
+                   {"mel": {0: "batch"}}, {"kind": "verifier_audio", "mel": front, "clip_samples": CLIP_SAMPLES,
+                                           "words": n}),
+    ]  # fmt: skip
 
 
 @contextmanager

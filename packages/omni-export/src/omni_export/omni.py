@@ -3,7 +3,8 @@
 The bundle holds the decoder (`decoder/`, export_onnx with a `media_embeds` input for the three
 placeholder ids), the media graphs (`media/`, export_media: the image, clip and speech encoders that
 fill the placeholders, the image tokenizer's decoder at 28 px and at the 44 px video canvas, the codec's
-decoder and the keyframe interpolator on the 11 x 11 grid) and `omni-bundle.json`: the token layout,
+decoder, the keyframe interpolator on the 11 x 11 grid, and the cross-modal verifier's image and
+audio towers when the folder has one, for reranking candidates on device) and `omni-bundle.json`: the token layout,
 the span lengths, every file's sha256, the parity of every graph against PyTorch and a multimodal
 prefill (ONNX encoders feeding the ONNX decoder against the PyTorch model). omni_runtime.omni runs it
 without torch. The layout numbers that no checkpoint file records (prompt seconds, frames per spoken
@@ -34,6 +35,7 @@ from omni_export.media import (
     image_tokenizer_graphs,
     interpolator_graph,
     speech_input_graph,
+    verifier_graphs,
 )
 from omni_model.files import file_sha256, read_json, writing_dir
 
@@ -44,7 +46,6 @@ DECODER, MEDIA = "decoder", "media"
 MODALITIES = ("image", "audio", "video")  # omni_model.multimodal.MODALITIES: the marker order
 MARKERS = ("begin", "end", "pad")
 SPECIALS = ("pad", "unk", "user", "assistant", "end")  # <|pad|> ... the word tokenizer's specials
-N_GRAPHS = 7  # _graphs
 Progress = Callable[[str, int, int], None]
 
 
@@ -101,6 +102,7 @@ class _Model:
     interpolator: Any
     vocab: dict[str, Any]  # the manifest's vocab section
     sampling: dict[str, Any] | None = None  # the manifest's sampling section (meta.omni.sampling, as ids)
+    verifier: Any | None = None  # omni_media.verifier.CrossModalVerifier, when the folder has one
 
 
 def _vocab(text_vocab: int, codebooks: list[tuple[str, int]]) -> dict[str, Any]:
@@ -125,6 +127,7 @@ def _load(folder: Path) -> _Model:
     from omni_media.errors import MediaError
     from omni_media.image_tokenizer import load_image_tokenizer
     from omni_media.interpolate import load_interpolator
+    from omni_media.verifier import load_verifier
 
     manifest = read_json(folder / "omnicoder.json", ExportError)
     try:
@@ -154,6 +157,8 @@ def _load(folder: Path) -> _Model:
                        load_image_tokenizer(folder / "image_tokenizer.safetensors"),
                        load_codec(folder / "codec.safetensors"),
                        load_interpolator(folder / "interpolator.safetensors"), vocab)  # fmt: skip
+        if (folder / "verifier.safetensors").is_file():  # optional: without it, no reranking on device
+            model.verifier = load_verifier(folder / "verifier.safetensors")
     except (OSError, RuntimeError, MediaError) as e:  # safetensors and load_state_dict raise these
         raise ExportError(
             f"{folder}: cannot load its media parts: {' '.join(str(e).split())[:300]}"
@@ -242,7 +247,24 @@ def _graphs(m: _Model, layout: OmniLayout) -> list[MediaGraph]:
             m.codec, seconds=layout.word_frames * m.codec.config.stride / m.codec.config.sample_rate
         )[1],
         interpolator_graph(m.interpolator, grid),
+        *(verifier_graphs(m.verifier) if m.verifier is not None else []),
     ]
+
+
+def _verifier(m: _Model) -> dict[str, Any] | None:
+    """The manifest's verifier section: its graphs, and the word id of each of its rows (the digit
+    words), so the runtime can score a candidate against the words its prompt asks for."""
+    from omni_media.speech import DIGITS
+
+    if m.verifier is None:
+        return None
+    n = m.verifier.config.n_words
+    ids = [m.decoder.tokenizer.token_to_id(w) for w in DIGITS[:n]]
+    if n > len(DIGITS) or None in ids:
+        raise ExportError(
+            f"the verifier scores {n} words; the tokenizer must hold the digit words zero..nine"
+        )
+    return {"image": "verifier_image", "audio": "verifier_audio", "word_ids": ids}
 
 
 def _parity_text(tokenizer: Any) -> str:
@@ -334,11 +356,12 @@ def export_omni(model_folder: str | Path, out_folder: str | Path, weights: str =
         raise ExportError(f"weights {weights!r}: the decoder exports as float32, float16, int8 or int4")
     if out.exists() and not (out / MANIFEST).is_file():  # say so before the export, not after
         raise ExportError(f"{out}: exists and is not an omni bundle (no {MANIFEST}); not overwriting it")
-    total = 4 + N_GRAPHS
+    total = 4 + 7 + 2 * (folder / "verifier.safetensors").is_file()  # stages, as _graphs counts them
     report("loading the model", 0, total)
     m = _load(folder)
     spans = _layout(m, layout)
     graphs = _graphs(m, layout)
+    verifier = _verifier(m)
     t0 = time.perf_counter()
     with writing_dir(out, marker=MANIFEST, what="an omni bundle", error=ExportError) as tmp:
         report(f"exporting the decoder ({weights} weights)", 1, total)
@@ -374,6 +397,7 @@ def export_omni(model_folder: str | Path, out_folder: str | Path, weights: str =
             "special": {w: m.decoder.tokenizer.token_to_id(f"<|{w}|>") for w in SPECIALS},
             "layout": spans,
             **({"sampling": m.sampling} if m.sampling is not None else {}),
+            **({"verifier": verifier} if verifier is not None else {}),
             "graphs": {g: {"file": f"{MEDIA}/{e['file']}", "parameters": e["parameters"],
                            "parity_max_abs": e["parity_max_abs"]} for g, e in media["graphs"].items()},
             "parity": {"decoder": decoder["parity"], "media_prefill": prefill,

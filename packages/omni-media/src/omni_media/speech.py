@@ -256,6 +256,9 @@ _MEL = MelConfig(chunk_seconds=None)  # Whisper's 80-band front end at 100 frame
 
 def digit_features(waves: Sequence[np.ndarray]) -> Tensor:
     """(N, 80, 100) Whisper log-mel features of clips cut or padded to CLIP_SAMPLES."""
+    for i, w in enumerate(waves):
+        if np.ndim(w) != 1:
+            raise MediaError(f"clip {i}: expected 1-D samples, got shape {np.shape(w)}")
     return torch.from_numpy(log_mel_batch(list(pad_batch(waves)), _MEL))
 
 

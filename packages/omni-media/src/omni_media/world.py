@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from omni_media.errors import MediaError
+from omni_media.image import locate
 from omni_media.speech import SpokenDigits
 
 DIRECTIONS = ("left", "right", "up", "down")
@@ -156,21 +157,6 @@ def direction_clips(
             corners[i, t] = (y, x)
             clips[i, t, y : y + DIGIT, x : x + DIGIT] = images[i]
     return DirectionClips(clips, np.asarray(labels, np.int64), directions, corners)
-
-
-def locate(frames: np.ndarray) -> np.ndarray:
-    """(T, S, S) grey frames -> (T, 2) top-left (y, x) of the 28 x 28 window centred on each frame's
-    centre of mass (how MNIST centres its digits), kept inside the canvas; an empty frame gives its middle."""
-    if frames.ndim != 3 or min(frames.shape[1:]) < DIGIT:
-        raise MediaError(f"frames must be (T, S, S) with S >= {DIGIT}, got {frames.shape}")
-    x = frames.astype(np.float64)
-    mass = x.sum(axis=(1, 2))
-    h, w = x.shape[1:]
-    ys = (x.sum(axis=2) * np.arange(h)).sum(axis=1) / np.maximum(mass, 1e-9)
-    xs = (x.sum(axis=1) * np.arange(w)).sum(axis=1) / np.maximum(mass, 1e-9)
-    centre = np.where(mass[:, None] > 0, np.stack([ys, xs], axis=1), [[(h - 1) / 2, (w - 1) / 2]])
-    corner = np.rint(centre - (DIGIT - 1) / 2).astype(np.int64)
-    return np.clip(corner, 0, [h - DIGIT, w - DIGIT])
 
 
 def direction_of(corners: np.ndarray, min_px: float = 3.0) -> int:

@@ -80,6 +80,7 @@ def read_bundle_manifest(folder: Path) -> dict[str, Any]:
         if not all(_int(x) and x > 0 for x in sizes) or not all(_int(x) and x >= 2 for x in levels):
             raise EngineError(f"{path}: layout sizes must be positive integers (FSQ levels at least 2)")
         _check_sampling(m.get("sampling"), v["text_vocab"], path)
+        _check_verifier(m.get("verifier"), v["text_vocab"], path)
         files = m["files"]
         if not isinstance(files, dict) or not files:
             raise EngineError(f"{path}: files must be a non-empty object")
@@ -108,6 +109,21 @@ def _check_sampling(s: Any, text_vocab: int, path: Path) -> None:
                           f"(one number, or one per modality of {', '.join(MODALITIES)})")  # fmt: skip
     if not isinstance(cond, list) or not all(_int(x) and 0 <= x < text_vocab for x in cond):
         raise EngineError(f"{path}: sampling.condition_ids must be word ids below {text_vocab}")
+
+
+def _check_verifier(v: Any, text_vocab: int, path: Path) -> None:
+    """The optional `verifier` section: its two graphs and the word id of each of its rows."""
+    if v is None:
+        return
+    if not isinstance(v, dict) or not all(
+        isinstance(v.get(k), str) and v[k].isidentifier() for k in ("image", "audio")
+    ):
+        raise EngineError(f"{path}: verifier must name its image and audio graphs")
+    ids = v.get("word_ids")
+    if not isinstance(ids, list) or not ids or not all(_int(x) and x < text_vocab for x in ids):
+        raise EngineError(f"{path}: verifier.word_ids must be word ids below {text_vocab}")
+    if len(set(ids)) != len(ids):
+        raise EngineError(f"{path}: verifier.word_ids repeat a word")
 
 
 def _number(v: Any) -> bool:
@@ -139,6 +155,19 @@ class OmniRuntime:
         }
         self._condition = frozenset(s.get("condition_ids", []))
         self.media = MediaRuntime(self.folder / m["media"], threads=threads)
+        self.verifier = m.get("verifier")  # None: candidates come back in the order they were drawn
+        if self.verifier is not None:
+            if missing := {self.verifier["image"], self.verifier["audio"]} - set(self.media.names):
+                raise EngineError(
+                    f"{self.folder}: the verifier's graphs {sorted(missing)} are not in its media"
+                )
+            self._verifier_rows = {w: row for row, w in enumerate(self.verifier["word_ids"])}
+            n = self.media.meta(self.verifier["audio"]).get("clip_samples")
+            if not (_int(n) and 0 < n <= 60 * m["layout"]["audio"]["sample_rate"]):
+                raise EngineError(
+                    f"{self.folder}: the verifier's clip_samples must be a positive count, got {n!r}"
+                )
+            self._verifier_samples = n
         self.tokenizer = Tokenizer.from_hf_folder(self.folder / m["decoder"])
         v, s, lay = m["vocab"], m["special"], m["layout"]
         self.text_vocab, self.markers, self.special, self.layout = v["text_vocab"], v["markers"], s, lay
@@ -362,13 +391,16 @@ class OmniRuntime:
         return self.tokenizer.decode([i for i in ids if i < self.text_vocab], skip_special_tokens=True)
 
     def generate_media(self, prompt: str, modality: Modality, n_candidates: int = 1, seed: int = 0,
-                       temperature: float | None = None, guidance: float | None = None) -> list[np.ndarray]:  # fmt: skip
+                       temperature: float | None = None, guidance: float | None = None,
+                       rerank: bool = True) -> list[np.ndarray]:  # fmt: skip
         """`n_candidates` samples (temperature 0: greedy) of the asked modality, decoded: image (28, 28)
         uint8; audio (words, samples) float32 at 16 kHz, one row per spoken word; video (9, 44, 44) uint8
         (the layout's frames and size). Temperature and classifier-free guidance (1: none) default to the
         bundle's `sampling` (its guidance: one scale per modality), the ones its figures were measured
         at; guidance runs the prompt a second time with its condition words
-        (the digits, directions and articles) replaced by <|unk|>, as the model was trained to read."""
+        (the digits, directions and articles) replaced by <|unk|>, as the model was trained to read.
+        With `rerank` and a bundle that has the verifier, the candidates come back best first by
+        `verify`; otherwise in the order they were drawn."""
         temperature = self.sampling["temperature"] if temperature is None else temperature
         if modality not in MODALITIES:
             raise EngineError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
@@ -397,7 +429,50 @@ class OmniRuntime:
                 out.append(self.decode_video(spans[0]))
             else:
                 out.append(self.decode_speech(np.stack(spans)))
+        scores = self.verify(prompt, modality, out) if rerank and n_candidates > 1 else None
+        if scores is not None:
+            out = [out[i] for i in np.argsort(-scores, kind="stable")]
         return out
+
+    def verify(self, prompt: str, modality: Modality, candidates: Sequence[np.ndarray]) -> np.ndarray | None:
+        """(len(candidates),) the verifier's score of each decoded candidate (as `generate_media` returns
+        them) against the digit words the prompt asks for; higher is a better match. An image scores
+        its scaled cosine with the first digit word; speech, the sum over its words of each against the
+        prompt's word in the same place (-inf when it says a different number of words); a clip, the
+        mean over frames of its digit window's score (omni_media.image.digit_windows). None when the
+        bundle has no verifier or the prompt names no digit."""
+        from omni_media.image import digit_windows
+
+        if self.verifier is None:
+            return None
+        if modality not in MODALITIES:
+            raise EngineError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+        rows = [self._verifier_rows[i] for i in self.prompt_ids(prompt)[0] if i in self._verifier_rows]
+        if not rows or not len(candidates):
+            return None
+
+        def image_scores(pixels: np.ndarray) -> np.ndarray:  # (B, 28, 28) uint8 -> (B,)
+            x = (pixels[:, None] / 255).astype(np.float32)
+            return self.media.run(self.verifier["image"], x)[0][:, rows[0]]
+
+        if modality == "image":
+            return image_scores(np.stack(candidates))
+        if modality == "video":
+            return np.array(
+                [image_scores(digit_windows(np.asarray(c))).mean() for c in candidates], np.float32
+            )
+        n, out = self._verifier_samples, []
+        for words in candidates:  # (W, samples)
+            if len(words) != len(rows):
+                out.append(-np.inf)
+                continue
+            clips = np.zeros((len(words), n), np.float32)
+            for i, w in enumerate(words):
+                clips[i, : min(n, len(w))] = w[:n]
+            mel = log_mel_batch(list(clips), MelConfig(chunk_seconds=None))  # digit_features' front end
+            logits = self.media.run(self.verifier["audio"], mel)[0]
+            out.append(float(logits[np.arange(len(rows)), rows].sum()))
+        return np.array(out, np.float32)
 
     def spans(self, ids: Sequence[int], modality: str) -> list[np.ndarray]:
         """The complete `modality` spans of generated ids, as codebook indices."""
