@@ -2,8 +2,8 @@
 
 The bundle holds the decoder (`decoder/`, export_onnx with a `media_embeds` input for the three
 placeholder ids), the media graphs (`media/`, export_media: the image, clip and speech encoders that
-fill the placeholders, the image tokenizer's decoder at 28 px and at the 44 px video canvas, the codec's
-decoder, the keyframe interpolator on the 11 x 11 grid, and the cross-modal verifier's image and
+fill the placeholders, the image tokenizer's decoder at 28 px and at the 40 px video canvas, the codec's
+decoder, the keyframe interpolator on the 10 x 10 grid, and the cross-modal verifier's image and
 audio towers when the folder has one, for reranking candidates on device) and `omni-bundle.json`: the token layout,
 the span lengths, every file's sha256, the parity of every graph against PyTorch and a multimodal
 prefill (ONNX encoders feeding the ONNX decoder against the PyTorch model). omni_runtime.omni runs it
@@ -60,7 +60,7 @@ class OmniLayout:
     word_frames: int = 32  # codec frames per spoken word in an audio output span
     max_words: int = 3  # the most spoken words (audio spans) in one training answer
     clip_frames: int = 9
-    clip_size: int = 44
+    clip_size: int = 40
     input_frames: tuple[int, ...] = (0, 4, 8)  # the frames the clip encoder reads
     keyframes: int = 3  # a video output span: these frames' image-tokenizer grids
     key_every: int = 4  # frames from one keyframe to the next; the ones between are interpolated

@@ -222,7 +222,7 @@ class OmniRuntime:
 
     def encode_video(self, video: VideoInput) -> tuple[np.ndarray, np.ndarray]:
         """(n, D) features of a clip's frames and (m, D) of its sound track (its first word's second;
-        silence when it has none). Frames are read as the layout's size (44 x 44), grey; the encoder sees frames 0, 4 and 8 of
+        silence when it has none). Frames are read as the layout's size (40 x 40), grey; the encoder sees frames 0, 4 and 8 of
         9 (in general: the same fractions of the clip)."""
         lay = self.layout["video"]
         if isinstance(video, tuple):
@@ -394,7 +394,7 @@ class OmniRuntime:
                        temperature: float | None = None, guidance: float | None = None,
                        rerank: bool = True) -> list[np.ndarray]:  # fmt: skip
         """`n_candidates` samples (temperature 0: greedy) of the asked modality, decoded: image (28, 28)
-        uint8; audio (words, samples) float32 at 16 kHz, one row per spoken word; video (9, 44, 44) uint8
+        uint8; audio (words, samples) float32 at 16 kHz, one row per spoken word; video (9, 40, 40) uint8
         (the layout's frames and size). Temperature and classifier-free guidance (1: none) default to the
         bundle's `sampling` (its guidance: one scale per modality), the ones its figures were measured
         at; guidance runs the prompt a second time with its condition words
@@ -507,7 +507,7 @@ class OmniRuntime:
         return self.media.run("audio_decoder", c)[0].astype(np.float32)
 
     def video_frames(self, codes: np.ndarray) -> np.ndarray:
-        """(keyframes * grid cells,) codes, 363 by default -> (9, 44, 44) float frames in [0, 1], the in-betweens interpolated as
+        """(keyframes * grid cells,) codes, 300 by default -> (9, 40, 40) float frames in [0, 1], the in-betweens interpolated as
         omni_media.keyframes.fill_between makes them."""
         v = self.layout["video"]
         keys = np.asarray(codes, np.int64).reshape(v["keyframes"], *v["grid"])  # (K, h, w)

@@ -120,8 +120,8 @@ class OmniTrainConfig:
     max_batch: int = 64
     balance_rate: float = 1e-3  # the MoE routers' bias update per step (auxiliary-loss-free)
     task_weights: tuple[tuple[str, float], ...] = (
-        ("image_to_text", 1.5), ("speech_to_text", 1.25), ("video_to_text", 1.0),
-        ("text_to_image", 2.0), ("text_to_speech", 2.0), ("text_to_video", 2.5),
+        ("image_to_text", 1.0), ("speech_to_text", 1.5), ("video_to_text", 1.5),
+        ("text_to_image", 2.0), ("text_to_speech", 2.0), ("text_to_video", 2.0),
     )  # fmt: skip
     drop_condition: float = 0.1  # generation prompts trained without their condition (for guidance)
     checkpoint_every_s: float = 300.0
