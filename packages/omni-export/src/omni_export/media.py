@@ -221,13 +221,13 @@ def verifier_graphs(verifier: CrossModalVerifier, batch: int = 2) -> list[MediaG
     g = torch.Generator().manual_seed(0)
     n = verifier.config.n_words
     images = torch.rand(batch, *IMAGE_SHAPE, generator=g)
-    mel = torch.randn(batch, N_MELS, CLIP_SAMPLES // 160, generator=g)
-    front = asdict(MelConfig(n_mels=N_MELS, chunk_seconds=None))
+    front = MelConfig(n_mels=N_MELS, chunk_seconds=None)
+    mel = torch.randn(batch, N_MELS, CLIP_SAMPLES // front.hop_length, generator=g)
     return [
         MediaGraph("verifier_image", _VerifierLogits(verifier, "image").eval(), {"images": images}, ("logits",),
                    {"images": {0: "batch"}}, {"kind": "verifier_image", "image_size": IMAGE_SHAPE[-1], "words": n}),
         MediaGraph("verifier_audio", _VerifierLogits(verifier, "audio").eval(), {"mel": mel}, ("logits",),
-                   {"mel": {0: "batch"}}, {"kind": "verifier_audio", "mel": front, "clip_samples": CLIP_SAMPLES,
+                   {"mel": {0: "batch"}}, {"kind": "verifier_audio", "mel": asdict(front), "clip_samples": CLIP_SAMPLES,
                                            "words": n}),
     ]  # fmt: skip
 

@@ -181,9 +181,9 @@ def _sampling(s: Any, tokenizer: Any, folder: Path) -> dict[str, Any] | None:
     try:
         t, g, words = float(s["temperature"]), s["guidance"], list(s["condition_words"])
         g = (
-            {m: float(g[m]) for m in ("image", "audio", "video")}
+            {m: float(g[m]) for m in MODALITIES}
             if isinstance(g, dict)
-            else dict.fromkeys(("image", "audio", "video"), float(g))
+            else dict.fromkeys(MODALITIES, float(g))
         )
         ids = [tokenizer.token_to_id(str(w)) for w in words]
     except (KeyError, TypeError, ValueError) as e:

@@ -222,8 +222,8 @@ class OmniRuntime:
 
     def encode_video(self, video: VideoInput) -> tuple[np.ndarray, np.ndarray]:
         """(n, D) features of a clip's frames and (m, D) of its sound track (its first word's second;
-        silence when it has none). Frames are read as the layout's size (40 x 40), grey; the encoder sees frames 0, 4 and 8 of
-        9 (in general: the same fractions of the clip)."""
+        silence when it has none). Frames are read as the layout's size (40 x 40), grey; the encoder sees
+        frames 0, 4 and 8 of 9 (in general: the same fractions of the clip)."""
         lay = self.layout["video"]
         if isinstance(video, tuple):
             if len(video) != 2:
