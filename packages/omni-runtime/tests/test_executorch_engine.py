@@ -16,7 +16,8 @@ from omni_model_tests import tiny
 
 import omni_model
 from omni_export.errors import UnsupportedExportError
-from omni_export.executorch import ExecuTorchConfig, export_executorch, quantize_8da4w
+from omni_export.executorch import ExecuTorchConfig, calibration_ids, export_executorch, quantize_8da4w
+from omni_export.smoothing import smooth
 from omni_model.decoder import Decoder
 from omni_model.sampling_config import SamplingConfig
 from omni_runtime import Engine, EngineError, generate
@@ -34,7 +35,9 @@ def exported(tmp_path_factory):
     for weights in ("float32", "int4"):
         cfg = ExecuTorchConfig(weights=weights, max_seq_len=96, prefill_chunk=16, parity_prompt_tokens=24,
                                parity_decode_tokens=24)  # fmt: skip
-        out[weights] = export_executorch(root / "hf", root / weights, cfg, parity_text=TEXT)
+        out[weights] = export_executorch(
+            root / "hf", root / weights, cfg, parity_text=TEXT, calibration_text=TEXT
+        )
     return root, out
 
 
@@ -91,7 +94,15 @@ def test_int4_program_computes_what_the_quantized_modules_do(exported):
     lm = omni_model.load(root / "hf", fuse=False)
     model = Decoder(lm.config, init=False)
     model.load_state_dict(lm.model.state_dict())
-    quantize_8da4w(model.eval().requires_grad_(False), None, 32, lambda name, how: None)
+    assert m["quantization"]["smoothing"] == {
+        "alpha": 0.5,
+        "calibration_tokens": 4096,
+        "calibration": "given text",
+    }
+    factors = smooth(
+        model.eval().requires_grad_(False), calibration_ids(lm, ExecuTorchConfig(), TEXT), 0.5, 32
+    )
+    quantize_8da4w(model, None, 32, lambda name, how: None, factors)
     ids = list(np.random.default_rng(1).integers(0, 256, 30))
     want = model(torch.tensor([ids]))[0].numpy()
     got = ExecuTorchEngine(root / "int4").forward(ids, last_only=False)

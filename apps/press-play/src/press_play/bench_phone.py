@@ -97,14 +97,18 @@ def _work(config: PhoneBenchConfig) -> Path:
 
 
 def _reusable(folder: Path, source: str, weights: str, max_seq_len: int) -> bool:
-    from omni_export.executorch import FORMAT, VERSION
+    """An earlier run's export made from the same source with the settings this run would use."""
+    from omni_export.executorch import FORMAT, VERSION, ExecuTorchConfig
 
     try:
         m = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    return (m.get("format"), m.get("version"), m.get("source"), m.get("quantization", {}).get("weights"),
-            m.get("max_seq_len")) == (FORMAT, VERSION, source, weights, max_seq_len)  # fmt: skip
+    q = m.get("quantization", {})
+    alpha = (q.get("smoothing") or {}).get("alpha", 0.0) if weights == "int4" else 0.0
+    want_alpha = ExecuTorchConfig().smoothing if weights == "int4" else 0.0
+    return (m.get("format"), m.get("version"), m.get("source"), q.get("weights"), m.get("max_seq_len"),
+            alpha) == (FORMAT, VERSION, source, weights, max_seq_len, want_alpha)  # fmt: skip
 
 
 def prepare(

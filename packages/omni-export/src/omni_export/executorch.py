@@ -17,7 +17,9 @@ Weights:
   Q4_0 blocks carry over as they are; Q4_1 blocks (code * d + m) become symmetric codes code - 8 with
   scale d plus a per-block constant m + 8d, added back as blocksum(x) @ consts.T (exact, as the ONNX
   export does). The output head takes 8-bit per-channel weights (XNNPACK's qd8 x qc8w), the embedding
-  8-bit per row: the two tensors llama.cpp's 4-bit files keep wider too.
+  8-bit per row: the two tensors llama.cpp's 4-bit files keep wider too. Before quantizing, blocks of
+  input channels with outlier activations are smoothed into the weights (omni_export.smoothing),
+  calibrated on a text; a GGUF's codes stay as they are.
 
 The folder holds `model.pte`, the tokenizer files and `manifest.json` (format "omnicoder-executorch":
 config, methods, cache, quantization, parity against PyTorch measured at export). It is written under a
@@ -43,6 +45,7 @@ from torch import Tensor, nn
 
 import omni_model
 from omni_export.errors import ExportError, UnsupportedExportError
+from omni_export.smoothing import Factors, smooth
 from omni_model.decoder import Decoder
 from omni_model.files import native_stderr_silenced, writing_dir
 from omni_model.loader import LoadedModel, resolve_source
@@ -63,6 +66,10 @@ class ExecuTorchConfig:
     prefill_chunk: int = 128  # the longest `prefill` call; activations are planned for this many tokens
     parity_prompt_tokens: int = 64
     parity_decode_tokens: int = 64
+    smoothing: float = (
+        0.5  # int4: SmoothQuant alpha for the int8 activations (0: off); see omni_export.smoothing
+    )
+    calibration_tokens: int = 4096  # int4 smoothing: tokens of the calibration text whose input ranges set it
 
     def __post_init__(self) -> None:
         if self.weights not in ("float32", "int4"):
@@ -76,6 +83,11 @@ class ExecuTorchConfig:
             )
         if self.parity_prompt_tokens < 1 or self.parity_decode_tokens < 0:
             raise ExportError("parity_prompt_tokens must be >= 1 and parity_decode_tokens >= 0")
+        if not 0 <= self.smoothing <= 1 or self.calibration_tokens < 2:
+            raise ExportError(
+                f"need 0 <= smoothing <= 1 and calibration_tokens >= 2, got {self.smoothing} and "
+                f"{self.calibration_tokens}"
+            )
 
 
 def check_supported(cfg: omni_model.ModelConfig) -> None:
@@ -222,10 +234,12 @@ def _symmetric_blocks(w: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor]
 
 
 def quantize_8da4w(
-    model: Decoder, source: Path | None, group: int, on_tensor: Callable[[str, str], None]
-) -> None:
+    model: Decoder, source: Path | None, group: int, on_tensor: Callable[[str, str], None],
+    factors: Factors | None = None,
+) -> None:  # fmt: skip
     """Swap the decoder's linears for 4-bit ones (the embedding and head for 8-bit), in place; GGUF
-    Q4_0/Q4_1 blocks are taken as they are when `source` is a GGUF with group 32."""
+    Q4_0/Q4_1 blocks are taken as they are when `source` is a GGUF with group 32, their scales and
+    minimums multiplied by the `factors` that `omni_export.smoothing.smooth` applied to the model."""
     from omni_export.weights import quantized_weights
 
     cfg = model.config
@@ -253,12 +267,15 @@ def quantize_8da4w(
             if key in direct:
                 p = direct[key].packed
                 codes = torch.from_numpy(p.codes().astype(np.int16) - 8).reshape(p.N, -1)[:, : p.K]
-                scale = torch.from_numpy(p.scales)
+                cols, rows = (factors or {}).get(full, (None, None))
+                scale = _rescale(torch.from_numpy(p.scales).float(), cols, rows)
                 w = (codes.reshape(p.N, -1, 32).float() * scale[..., None]).reshape(p.N, p.K)
                 new.weight = _intx(w, scale, 32, 4, True)
                 mins = direct[key].mins
                 on_tensor(key, "4-bit, converted from GGUF blocks")
-                setattr(mod, child_name, new if mins is None else BlockSums(new, torch.from_numpy(mins), 32))
+                if mins is not None:
+                    new = BlockSums(new, _rescale(torch.from_numpy(mins).float(), cols, rows), 32)
+                setattr(mod, child_name, new)
             else:
                 w, scale = _symmetric_blocks(child.weight.detach(), 4, group)
                 new.weight = _intx(w, scale, group, 4, True)
@@ -274,6 +291,12 @@ def quantize_8da4w(
     w, scale = _symmetric_blocks(emb.weight.detach(), 8, emb.weight.shape[1])
     emb.weight = _intx(w, scale, emb.weight.shape[1], 8, False)
     on_tensor("embed_tokens.weight", "8-bit per row")
+
+
+def _rescale(t: Tensor, cols: Tensor | None, rows: Tensor | None) -> Tensor:
+    """Per-block values (N, K / block) times a factor per block, divided by one per row."""
+    t = t if cols is None else t * cols[None, :]
+    return t if rows is None else t / rows[:, None]
 
 
 # ---- lowering
@@ -313,9 +336,10 @@ def lower(model: Decoder, config: ExecuTorchConfig, max_seq: int) -> bytes:
 
 def export_executorch(
     source: str | Path | LoadedModel, out: str | Path, config: ExecuTorchConfig | None = None,
-    on_progress: Progress | None = None, parity_text: str | None = None,
+    on_progress: Progress | None = None, parity_text: str | None = None, calibration_text: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Export `source` (zoo name, folder, GGUF, or a loaded model) to the folder `out`; returns the manifest."""
+    """Export `source` (zoo name, folder, GGUF, or a loaded model) to the folder `out`; returns the manifest.
+    `calibration_text` (default: macbeth from the Shakespeare corpus) sets the int4 activation smoothing."""
     config = config or ExecuTorchConfig()
     report = on_progress or (lambda what, done, total: None)
     out = Path(out)
@@ -337,7 +361,12 @@ def export_executorch(
         def count(name: str, how: str) -> None:
             origin[how] = origin.get(how, 0) + 1
 
-        quantize_8da4w(model, path, config.group_size, count)
+        factors = None
+        if config.smoothing:
+            report("calibrating the activation smoothing", 1, 5)
+            factors = smooth(model, calibration_ids(lm, config, calibration_text), config.smoothing,
+                             config.group_size)  # fmt: skip
+        quantize_8da4w(model, path, config.group_size, count, factors)
     report("lowering to ExecuTorch (XNNPACK)", 2, 5)
     t0 = time.perf_counter()
     pte = lower(model, config, max_seq)
@@ -362,6 +391,9 @@ def export_executorch(
                              "activations": "int8 dynamic per token" if config.weights == "int4" else None,
                              "head": "8-bit per channel" if config.weights == "int4" else None,
                              "embedding": "8-bit per row" if config.weights == "int4" else None,
+                             "smoothing": ({"alpha": config.smoothing, "calibration_tokens": config.calibration_tokens,
+                                            "calibration": "macbeth" if calibration_text is None else "given text"}
+                                           if config.weights == "int4" and config.smoothing else None),
                              "tensors": origin},
             "backend": "XnnpackBackend", "file_bytes": len(pte), "lowering_seconds": round(lower_s, 1),
             "tokenizer": {"files": tokenizer_files, "eos_token_ids": sorted(lm.tokenizer.eos_token_ids),
@@ -400,6 +432,15 @@ class Program:
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         return self.decode_method.execute([torch.tensor([[token]]), torch.tensor([pos])])[0][0].numpy()
+
+
+def calibration_ids(lm: LoadedModel, config: ExecuTorchConfig, text: str | None) -> list[int]:
+    """The first `calibration_tokens` tokens of `text` (default: macbeth, apart from hamlet's tests)."""
+    if text is None:
+        from omni_model.corpus import text_path
+
+        text = text_path("macbeth").read_text(encoding="utf-8")
+    return lm.tokenizer.encode(text[: 16 * config.calibration_tokens])[: config.calibration_tokens]
 
 
 def _copy(model: Decoder) -> Decoder:
