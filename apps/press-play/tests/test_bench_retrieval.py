@@ -24,7 +24,8 @@ from press_play.bench_retrieval import (
 def test_quick_run_measures_and_renders(tiny_model_dir, tmp_path):
     config = RetrievalBenchConfig.quick_config(model=str(tiny_model_dir), cache_dir=str(tmp_path))
     rep = run_retrieval_bench(config)
-    assert [(r["kind"], r["compression"]) for r in rep.indices] == [("pq", 16), ("ivfpq", 16)]
+    assert [(r["kind"], r["compression"], r["nprobe"]) for r in rep.indices] == [
+        ("pq", 16, None), ("ivfpq", 16, config.nprobe), ("ivfpq", 16, 32)]  # fmt: skip
     for r in rep.indices:
         assert 0 < r["recall"] <= 1 and r["recall"] == r["peer_recall"]  # the same codes, searched two ways
         assert r["resident_bytes"] <= r["head_bytes"] + r["budget_bytes"] < r["index_bytes"] + r["head_bytes"]
