@@ -469,8 +469,7 @@ class OmniRuntime:
             clips = np.zeros((len(words), n), np.float32)
             for i, w in enumerate(words):
                 clips[i, : min(n, len(w))] = w[:n]
-            mel = log_mel_batch(list(clips), MelConfig(chunk_seconds=None))  # digit_features' front end
-            logits = self.media.run(self.verifier["audio"], mel)[0]
+            logits = self.media.encode_audio(list(clips), self.verifier["audio"])  # its meta's front end
             out.append(float(logits[np.arange(len(rows)), rows].sum()))
         return np.array(out, np.float32)
 
