@@ -61,7 +61,7 @@ class RetrievalBenchConfig:
     knn_bytes: int = 144  # the datastore's PQ code (576 dims: 16x smaller than float32)
     knn_nlist: int = 1024
     knn_nprobe: int = 32
-    knn_k: tuple[int, ...] = (16, 64, 128)
+    knn_k: tuple[int, ...] = (16, 64, 256, 1024)  # the paper searches 1024 neighbours
     knn_lambda: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
     knn_temperature: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)  # times the median nearest distance
     rag_k: int = 3
