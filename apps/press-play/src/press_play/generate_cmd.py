@@ -48,7 +48,10 @@ KNNOption = Annotated[
 ]
 KNNSettingsOption = Annotated[
     str | None,
-    typer.Option("--knn-settings", help="kNN-LM mixture: k=16,lambda=0.25,temperature=10 (any of them)."),
+    typer.Option(
+        "--knn-settings",
+        help="kNN-LM mixture: k=1024,lambda=0.3,temperature=66.8 (any of them; the defaults suit SmolLM2).",
+    ),
 ]
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")]
 Temperature = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.")]
