@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from omni_train import TrainConfig, TrainError, train
-from omni_train.recipes import CachedDistillObjective, distill_loss, topk_distill_loss
+from omni_train.recipes import CachedDistillObjective, distill_loss, inherit_embeddings, topk_distill_loss
 from omni_train.teacher_cache import TeacherCache, tokens_sha256
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -72,6 +72,9 @@ def test_topk_loss_is_the_full_loss_with_every_token_and_keeps_the_tail():
     full = t.topk(64, dim=-1)
     torch.testing.assert_close(topk_distill_loss(s, full.values, full.indices, lse, y, 2.0, 0.7),
                                distill_loss(s, t, y, 2.0, 0.7))  # fmt: skip
+    lse1 = torch.logsumexp(t, -1)  # T = 1: one log-softmax serves both terms
+    torch.testing.assert_close(topk_distill_loss(s, full.values, full.indices, lse1, y, 1.0, 0.5),
+                               distill_loss(s, t, y, 1.0, 0.5))  # fmt: skip
     # Top 8 of 64 plus the rest bucket: a student equal to the teacher has zero KL (renormalising over
     # the 8 alone would not), and a student that puts no mass outside the top 8 pays for it.
     top = t.topk(8, dim=-1)
@@ -102,3 +105,36 @@ def test_training_from_the_cache_moves_the_student_toward_the_teacher(tmp_path):
     before = gap()
     train(student, CachedDistillObjective(cache, 64, alpha=1.0), data, val, cfg, tmp_path / "run")
     assert gap() < 0.85 * before
+
+
+def _decoder(dim: int, vocab: int = 64, tie: bool = True) -> torch.nn.Module:
+    from omni_model.config import ModelConfig
+    from omni_model.decoder import Decoder
+
+    return Decoder(ModelConfig(vocab_size=vocab, dim=dim, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32,
+                               max_seq_len=32, tie_embeddings=tie))  # fmt: skip
+
+
+def test_inherited_embeddings_are_the_teachers_best_low_rank_geometry():
+    torch.manual_seed(0)
+    teacher = _decoder(32)
+    with torch.no_grad():  # a teacher whose embedding has structure: a few strong directions
+        teacher.embed_tokens.weight.copy_(
+            torch.randn(64, 4) @ torch.randn(4, 32) + 0.05 * torch.randn(64, 32)
+        )
+    student = _decoder(8)
+    kept = inherit_embeddings(student, teacher)
+    e_t, e_s = teacher.embed_tokens.weight, student.embed_tokens.weight
+    u, s, _ = torch.linalg.svd(e_t, full_matrices=False)
+    best = (u[:, :8] * s[:8] ** 2) @ u[:, :8].T  # Eckart-Young: the closest rank-8 Gram matrix
+    torch.testing.assert_close(e_s @ e_s.T, best, atol=1e-4, rtol=1e-4)
+    assert 0.95 < kept <= 1.0 and student.lm_head.weight is e_s  # tied: the head moved with it
+    untied = _decoder(8, tie=False)
+    inherit_embeddings(untied, teacher)
+    torch.testing.assert_close(untied.lm_head.weight, untied.embed_tokens.weight)  # the teacher's tied head
+    wide = _decoder(48)
+    extra = wide.embed_tokens.weight[:, 32:].clone()
+    inherit_embeddings(wide, teacher)
+    assert torch.equal(wide.embed_tokens.weight[:, 32:], extra)  # past the teacher's width: as initialised
+    with pytest.raises(TrainError, match="vocabulary"):
+        inherit_embeddings(_decoder(8, vocab=32), teacher)

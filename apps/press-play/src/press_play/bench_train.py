@@ -233,7 +233,8 @@ class DistillBenchConfig:
     lr: float = 2e-3
     cache_k: int = 32
     temperature: float = 2.0
-    alpha: float = 0.9
+    alpha: float = 0.5  # 0.9 trailed training from scratch on short budgets
+    inherit: bool = True  # the distilled student's embedding starts from the teacher's (inherit_embeddings)
     threads: int = 2  # the teacher cache and the evaluations; each student gets one
     cache_dir: str | None = None  # datasets and the teacher cache; None: the omnicoder cache
     quick: bool = False
@@ -298,7 +299,8 @@ def run_distill_bench(config: DistillBenchConfig, on_progress: Progress | None =
         cli = [sys.executable, "-m", "press_play.cli", "--threads", "1", "train"]
         cmds = {
             "distill": [*cli, "distill", "--teacher", config.model, "--out", str(tmp / "distill"), "--cache-teacher",
-                        str(config.cache_k), "--temperature", str(config.temperature), "--alpha", str(config.alpha), *common],
+                        str(config.cache_k), "--temperature", str(config.temperature), "--alpha", str(config.alpha),
+                        "--inherit-embeddings" if config.inherit else "--random-embeddings", *common],
             "scratch": [*cli, "pretrain", "--tokenizer-of", config.model, "--out", str(tmp / "scratch"), *common],
         }  # fmt: skip
         procs = {
@@ -337,7 +339,9 @@ def render_distill_section(rep: DistillReport) -> str:
         f"- Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}; torch {m['torch']}; {m['date']}",
         "- Command: `just bench --suite distill` (= `uv run python -m press_play.bench --suite distill`)"
         + (" — QUICK smoke run, not figures" if c.quick else ""),
-        f"- Student `{c.student}` (the same seed, so the same initial weights, for both), teacher {c.model}. "
+        f"- Student `{c.student}` (the same seed, so the same initial weights, for both"
+        + (", but for the distilled one's token embedding, see below" if c.inherit else "")
+        + f"), teacher {c.model}. "
         f"Training text: {', '.join(c.train_plays)} ({t['train']:,} tokens; {t['validation']:,} more held for the "
         f"loop's validation by document). Held out: {', '.join(c.held_out)}, the first {c.eval_tokens:,} tokens of "
         f"each ({t['held_out']:,}), in {c.seq_len}-token windows.",
@@ -347,7 +351,14 @@ def render_distill_section(rep: DistillReport) -> str:
         f"text, against the teacher's top-{c.cache_k} logits of every training window, computed once before "
         f"training: {rep.cache['windows']:,} windows in {rep.cache['s'] / 60:.1f} min on {c.threads} threads, "
         f"{rep.cache['bytes'] / 1e6:.0f} MB on disk, reused by every later run and epoch (not counted in the "
-        "student's budget).",
+        "student's budget)."
+        + (
+            " The distilled student's token embedding (tied to its head) starts as the teacher's, projected on its "
+            "top principal directions to the student's width (`omni_train.recipes.inherit_embeddings`); the rest "
+            "of its weights are the scratch student's."
+            if c.inherit
+            else ""
+        ),
         "",
         "| student | steps | tokens | tokens/s | " + " | ".join(c.held_out) + " | held-out perplexity |",
         "|---|---:|---:|---:|" + "---:|" * len(c.held_out) + "---:|",

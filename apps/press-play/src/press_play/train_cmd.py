@@ -187,8 +187,9 @@ def distill(
     batch_size: Batch = 8, grad_accum: Accum = 1, lr: LR = 2e-3, resume: Resume = False, bf16: BF16 = False,
     eval_every: EvalEvery = 100, seed: Seed = 0, data_cache: Cache = None,
     temperature: Annotated[float, typer.Option("--temperature", help="Softening of both distributions.")] = 2.0,
-    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the teacher term (the rest: data CE).")] = 0.9,
+    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the teacher term (the rest: data CE).")] = 0.5,
     cache_teacher: Annotated[int | None, typer.Option("--cache-teacher", min=1, max=4096, help="Compute the teacher's top-K logits of every training window once, beside the dataset, and train from them (no teacher during training).")] = None,
+    inherit: Annotated[bool, typer.Option("--inherit-embeddings/--random-embeddings", help="Start the student's token embedding from the teacher's, projected on its top principal directions.")] = True,
 ) -> None:  # fmt: skip
     """Distil the teacher into a small student sharing its tokenizer (KL on softened logits + CE)."""
     with reporting_errors():
@@ -202,7 +203,7 @@ def distill(
         ds = _data(c, t)
         with _Steps() as report:
             r = run.distill(student, t, ds, cfg, c.out, temperature=temperature, alpha=alpha, cache_k=cache_teacher,
-                            resume=c.resume, on_event=_Display(), on_progress=report)  # fmt: skip
+                            inherit=inherit, resume=c.resume, on_event=_Display(), on_progress=report)  # fmt: skip
         _finish(r, f"distilled {student}", c.out / "model")
 
 

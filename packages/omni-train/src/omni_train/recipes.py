@@ -45,7 +45,7 @@ class DistillObjective:
 
     teacher: nn.Module
     temperature: float = 2.0
-    alpha: float = 0.9
+    alpha: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.temperature > 0 or not 0 <= self.alpha <= 1:
@@ -85,7 +85,10 @@ def topk_distill_loss(student: Tensor, t_values: Tensor, t_ids: Tensor, t_lse: T
     log_t_rest = torch.log1p(-log_t_top.exp().sum(-1).clamp(max=1 - eps))  # (N,)
     log_s_rest = torch.log1p(-log_s_top.exp().sum(-1).clamp(max=1 - eps))
     kl = (log_t_top.exp() * (log_t_top - log_s_top)).sum(-1) + log_t_rest.exp() * (log_t_rest - log_s_rest)
-    return alpha * temperature**2 * kl.mean() + (1 - alpha) * F.cross_entropy(s, y.reshape(-1))
+    # At T = 1 the softened distribution is the plain one: one log-softmax over the vocabulary serves both
+    # terms (the largest tensor of a small student's step, and its backward).
+    ce = F.nll_loss(log_s, y.reshape(-1)) if temperature == 1 else F.cross_entropy(s, y.reshape(-1))
+    return alpha * temperature**2 * kl.mean() + (1 - alpha) * ce
 
 
 @dataclass
@@ -96,7 +99,7 @@ class CachedDistillObjective:
     cache: Any  # omni_train.teacher_cache.TeacherCache
     vocab_size: int
     temperature: float = 2.0
-    alpha: float = 0.9
+    alpha: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.temperature > 0 or not 0 <= self.alpha <= 1:
@@ -122,6 +125,29 @@ class CachedDistillObjective:
 
     def evaluate(self, model: nn.Module, batches: Iterator[Batch]) -> dict[str, float]:
         return perplexity(model, batches)
+
+
+@torch.no_grad()
+def inherit_embeddings(student: nn.Module, teacher: nn.Module) -> float:
+    """Start the student's token embedding (and an untied head) from the teacher's, cut to the student's
+    width: the teacher's embedding E (V, D_t) projected on its top D_s right singular vectors, E @ V_k,
+    the rank-D_s matrix whose rows' inner products are closest to the teacher's (Eckart-Young). Tokens
+    the teacher embeds alike start alike, and a tied head starts with the teacher's output geometry, so
+    the steps a small budget affords go to the layers instead of relearning the vocabulary (weight
+    inheritance, as DistilBERT starts from its teacher's layers). Returns the share of E's energy kept."""
+    e_s, e_t = student.embed_tokens.weight, teacher.embed_tokens.weight
+    if e_s.shape[0] != e_t.shape[0]:
+        raise TrainError(
+            f"the student's vocabulary ({e_s.shape[0]}) differs from the teacher's ({e_t.shape[0]})"
+        )
+    d = min(e_s.shape[1], e_t.shape[1])
+    _, sv, vh = torch.linalg.svd(e_t.float(), full_matrices=False)  # E = U S Vh
+    basis = vh[:d].T  # (D_t, d)
+    e_s[:, :d] = (e_t.float() @ basis).to(e_s.dtype)  # columns past the teacher's width keep their init
+    head_s, head_t = student.lm_head.weight, teacher.lm_head.weight
+    if head_s is not e_s:  # an untied head: the teacher's, in the same basis
+        head_s[:, :d] = (head_t.float() @ basis).to(head_s.dtype)
+    return float((sv[:d] ** 2).sum() / (sv**2).sum())
 
 
 def student_config(preset: str, teacher: ModelConfig) -> ModelConfig:

@@ -22,7 +22,13 @@ from omni_model.loader import LoadedModel
 from omni_train.data import TokenDataset
 from omni_train.errors import TrainError
 from omni_train.loop import Event, TrainConfig, TrainResult, barrier, rank, train
-from omni_train.recipes import CachedDistillObjective, DistillObjective, LMObjective, student_config
+from omni_train.recipes import (
+    CachedDistillObjective,
+    DistillObjective,
+    LMObjective,
+    inherit_embeddings,
+    student_config,
+)
 
 Progress = Callable[[str, int, int], None]
 
@@ -83,15 +89,19 @@ def pretrain(preset: str, base: LoadedModel, data: TokenDataset, cfg: TrainConfi
 
 
 def distill(preset: str, teacher: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, *,
-            temperature: float = 2.0, alpha: float = 0.9, cache_k: int | None = None, resume: bool = False,
-            on_event: Callable[[Event], None] | None = None, on_progress: Progress | None = None) -> TrainResult:  # fmt: skip
+            temperature: float = 2.0, alpha: float = 0.5, cache_k: int | None = None, inherit: bool = False,
+            resume: bool = False, on_event: Callable[[Event], None] | None = None,
+            on_progress: Progress | None = None) -> TrainResult:  # fmt: skip
     """The student preset trained on the teacher's softened distribution and the data. With `cache_k`,
     the teacher's top-k logits of every training window are computed once into a cache beside the
-    dataset (reused by later runs) and training reads them instead of running the teacher."""
+    dataset (reused by later runs) and training reads them instead of running the teacher. `inherit`:
+    the student's embedding starts from the teacher's (recipes.inherit_embeddings)."""
     model = student(preset, teacher, cfg.seed)
     if model.config.vocab_size != teacher.config.vocab_size:
         raise TrainError(f"the student's vocabulary ({model.config.vocab_size}) differs from the teacher's "
                          f"({teacher.config.vocab_size})")  # fmt: skip
+    if inherit:
+        inherit_embeddings(model, teacher.model)
     _check_vocab(model.config, data, f"student {preset}")
     if cache_k is None:
         obj: Any = DistillObjective(teacher.model, temperature=temperature, alpha=alpha)
@@ -99,12 +109,13 @@ def distill(preset: str, teacher: LoadedModel, data: TokenDataset, cfg: TrainCon
         cache = teacher_cache(teacher, data, cfg.seq_len, cache_k, temperature, on_progress=on_progress)
         obj = CachedDistillObjective(cache, teacher.config.vocab_size, temperature=temperature, alpha=alpha)
     ident = _identity("distill", teacher, model.config, data, preset=preset, temperature=temperature, alpha=alpha,
-                      cache_k=cache_k)  # fmt: skip
+                      cache_k=cache_k, inherit=inherit)  # fmt: skip
     result = train(
         model, obj, data.train, data.val, cfg, out, resume=resume, identity=ident, on_event=on_event
     )
     _save(model, teacher, out, {"recipe": "distill", "teacher": teacher.source, "preset": preset,
-                                "temperature": temperature, "alpha": alpha, "cache_k": cache_k, "train": asdict(cfg)})  # fmt: skip
+                                "temperature": temperature, "alpha": alpha, "cache_k": cache_k, "inherit": inherit,
+                                "train": asdict(cfg)})  # fmt: skip
     return result
 
 
