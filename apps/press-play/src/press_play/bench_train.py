@@ -349,8 +349,13 @@ def render_distill_section(rep: DistillReport) -> str:
         f"AdamW lr {c.lr:g}, warmup then cosine over the planned steps, {c.batch_size} x {c.seq_len} tokens per step.",
         f"- Distillation: KL on logits softened by T = {c.temperature:g} (weight {c.alpha:g}) + cross-entropy on the "
         f"text, against the teacher's top-{c.cache_k} logits of every training window, computed once before "
-        f"training: {rep.cache['windows']:,} windows in {rep.cache['s'] / 60:.1f} min on {c.threads} threads, "
-        f"{rep.cache['bytes'] / 1e6:.0f} MB on disk, reused by every later run and epoch (not counted in the "
+        f"training: {rep.cache['windows']:,} windows "
+        + (
+            f"in {rep.cache['s'] / 60:.1f} min on {c.threads} threads"
+            if rep.cache["s"] >= 5
+            else "(found already computed by an earlier run, checked against the teacher and the tokens)"
+        )
+        + f", {rep.cache['bytes'] / 1e6:.0f} MB on disk, reused by every later run and epoch (not counted in the "
         "student's budget)."
         + (
             " The distilled student's token embedding (tied to its head) starts as the teacher's, projected on its "
