@@ -70,7 +70,11 @@ def test_opq_rotation_helps_outlier_dimensions_and_searches_like_faiss(tmp_path)
         assert m["factory"].startswith("OPQ4,") == opq
         idx = ShardedIndex(tmp_path / f"i{opq}", budget_bytes=max(s["bytes"] for s in m["shards"]))
         _, got[opq] = idx.search(q, 10)
-        peer = faiss.read_index(str(tmp_path / f"i{opq}" / "head.faiss"))  # the same, wholly in faiss
+        # No precomputed distance tables (nlist x M x 256 floats) held outside the budget.
+        assert faiss.downcast_index(idx._ivf).precomputed_table.size() == 0
+        peer = faiss.read_index(
+            str(tmp_path / f"i{opq}" / "head.faiss")
+        )  # the same, wholly in faiss, tables and all
         peer.add(x)
         faiss.extract_index_ivf(peer).nprobe = 16
         assert np.array_equal(peer.search(q, 10)[1], got[opq])
