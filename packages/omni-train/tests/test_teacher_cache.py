@@ -103,7 +103,8 @@ def test_training_from_the_cache_moves_the_student_toward_the_teacher(tmp_path):
                                                     log_target=True, reduction="batchmean"))  # fmt: skip
 
     before = gap()
-    train(student, CachedDistillObjective(cache, 64, alpha=1.0), data, val, cfg, tmp_path / "run")
+    objective = CachedDistillObjective(cache, 64, temperature=2.0, alpha=1.0)
+    train(student, objective, data, val, cfg, tmp_path / "run")
     assert gap() < 0.85 * before
 
 

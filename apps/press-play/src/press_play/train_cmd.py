@@ -186,7 +186,7 @@ def distill(
     budget_minutes: Minutes = None, budget_hours: Hours = None, steps: Steps = None, seq_len: SeqLen = 256,
     batch_size: Batch = 8, grad_accum: Accum = 1, lr: LR = 2e-3, resume: Resume = False, bf16: BF16 = False,
     eval_every: EvalEvery = 100, seed: Seed = 0, data_cache: Cache = None,
-    temperature: Annotated[float, typer.Option("--temperature", help="Softening of both distributions.")] = 2.0,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softening of both distributions (1: one softmax serves both loss terms, the cheapest step).")] = 1.0,
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of the teacher term (the rest: data CE).")] = 0.5,
     cache_teacher: Annotated[int | None, typer.Option("--cache-teacher", min=1, max=4096, help="Compute the teacher's top-K logits of every training window once, beside the dataset, and train from them (no teacher during training).")] = None,
     inherit: Annotated[bool, typer.Option("--inherit-embeddings/--random-embeddings", help="Start the student's token embedding from the teacher's, projected on its top principal directions.")] = True,

@@ -34,9 +34,10 @@ def distill_loss(student: Tensor, teacher: Tensor, y: Tensor, temperature: float
     The T^2 keeps the soft term's gradient scale independent of T (Hinton et al.)."""
     v = student.shape[-1]
     s, t = student.reshape(-1, v).float(), teacher.reshape(-1, v).float()
-    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
-                  log_target=True, reduction="batchmean")  # fmt: skip
-    return alpha * temperature**2 * kl + (1 - alpha) * F.cross_entropy(s, y.reshape(-1))
+    log_s = F.log_softmax(s / temperature, -1)
+    kl = F.kl_div(log_s, F.log_softmax(t / temperature, -1), log_target=True, reduction="batchmean")
+    ce = F.nll_loss(log_s, y.reshape(-1)) if temperature == 1 else F.cross_entropy(s, y.reshape(-1))
+    return alpha * temperature**2 * kl + (1 - alpha) * ce
 
 
 @dataclass
@@ -44,7 +45,7 @@ class DistillObjective:
     """The teacher runs in no-grad on each micro-batch (its cost counts against the budget)."""
 
     teacher: nn.Module
-    temperature: float = 2.0
+    temperature: float = 1.0
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
@@ -98,7 +99,7 @@ class CachedDistillObjective:
 
     cache: Any  # omni_train.teacher_cache.TeacherCache
     vocab_size: int
-    temperature: float = 2.0
+    temperature: float = 1.0
     alpha: float = 0.5
 
     def __post_init__(self) -> None:

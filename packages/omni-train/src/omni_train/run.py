@@ -89,7 +89,7 @@ def pretrain(preset: str, base: LoadedModel, data: TokenDataset, cfg: TrainConfi
 
 
 def distill(preset: str, teacher: LoadedModel, data: TokenDataset, cfg: TrainConfig, out: Path, *,
-            temperature: float = 2.0, alpha: float = 0.5, cache_k: int | None = None, inherit: bool = True,
+            temperature: float = 1.0, alpha: float = 0.5, cache_k: int | None = None, inherit: bool = True,
             resume: bool = False, on_event: Callable[[Event], None] | None = None,
             on_progress: Progress | None = None) -> TrainResult:  # fmt: skip
     """The student preset trained on the teacher's softened distribution and the data. With `cache_k`,
