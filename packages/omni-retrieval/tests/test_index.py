@@ -162,3 +162,37 @@ def test_bad_input_is_one_line(tmp_path):
         ShardedIndex(tmp_path / "i")
     with pytest.raises(RetrievalError, match=r"no index\.json"):
         ShardedIndex(tmp_path)
+
+
+def test_wider_codes_spend_the_same_bytes_on_closer_neighbours(tmp_path):
+    """12-bit sub-quantizers: the same 6 bytes as 4 sub-vectors of 4096 centroids instead of 6 of 256."""
+    import faiss
+
+    assert plan(576, 200_000, IndexConfig(kind="ivfpq", bytes_per_vector=144, pq_bits=12)).factory(576) == (
+        "OPQ96,IVF1788,PQ96x12"
+    )
+    with pytest.raises(RetrievalError, match="pq_bits"):
+        IndexConfig(pq_bits=20)
+    with pytest.raises(RetrievalError, match="4096 vectors"):
+        plan(24, 3000, IndexConfig(kind="pq", bytes_per_vector=6, pq_bits=12))
+    n, dim = 9000, 24
+    x = clustered(n + 100, dim, seed=4)
+    x, q = x[:n], x[n:]
+    exact = faiss.IndexFlatL2(dim)
+    exact.add(x)
+    _, truth = exact.search(q, 10)
+    r = {}
+    for bits in (8, 12):
+        cfg = IndexConfig(kind="ivfpq", metric="l2", bytes_per_vector=6, nlist=8, nprobe=8, shard_vectors=3000,
+                          opq=False, pq_bits=bits)  # fmt: skip
+        m = build_index(x, tmp_path / f"i{bits}", cfg)
+        assert m["code_bytes"] == 6 and m["factory"] == {8: "IVF8,PQ6", 12: "IVF8,PQ4x12"}[bits]
+        _, got = ShardedIndex(
+            tmp_path / f"i{bits}", budget_bytes=max(s["bytes"] for s in m["shards"])
+        ).search(q, 10)
+        peer = faiss.read_index(str(tmp_path / f"i{bits}" / "head.faiss"))
+        peer.add(x)
+        faiss.extract_index_ivf(peer).nprobe = 8
+        assert np.array_equal(peer.search(q, 10)[1], got)
+        r[bits] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)])
+    assert r[12] > r[8] + 0.03, r

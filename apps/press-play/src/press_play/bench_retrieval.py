@@ -58,6 +58,7 @@ class RetrievalBenchConfig:
     shards: int = 16
     nprobe: int = 16
     more_nprobe: tuple[int, ...] = (64,)  # IVF-PQ searched again with these: the recall/latency trade-off
+    wide_codes: tuple[int, ...] = (16,)  # IVF-PQ again at these compressions with 12-bit sub-quantizers
     knn_bytes: int = 144  # the datastore's PQ code (576 dims: 16x smaller than float32)
     knn_nlist: int = 1024
     knn_nprobe: int = 32
@@ -78,7 +79,7 @@ class RetrievalBenchConfig:
         """A few small plays and vectors: for tests and a smoke run, not for numbers."""
         return cls(**{"vectors": 3000, "queries": 20, "compressions": (16,), "shards": 4, "knn_bytes": 8,
                       "knn_nlist": 8, "knn_k": (4,), "knn_lambda": (0.1,), "knn_temperature": (1.0,),
-                      "context": 64, "max_play_tokens": 600, "more_nprobe": (32,), "plays": 6, "answer_tokens": 4, "rag_k": 1,
+                      "context": 64, "max_play_tokens": 600, "more_nprobe": (32,), "wide_codes": (), "plays": 6, "answer_tokens": 4, "rag_k": 1,
                       "rag_chunk_tokens": 24, "quick": True,
                       **overrides})  # fmt: skip
 
@@ -197,44 +198,45 @@ def index_bench(
     _, truth = exact.search(queries, 10)
     del exact
     rows = []
-    for c in config.compressions:
-        for kind in ("pq", "ivfpq"):
-            report(f"index {kind} {c}x", len(rows), 2 * len(config.compressions))
-            cfg = IndexConfig(kind=kind, metric="l2", bytes_per_vector=4 * dim // c,  # type: ignore[arg-type]
-                              shard_vectors=-(-n // config.shards), nprobe=config.nprobe)  # fmt: skip
-            with tempfile.TemporaryDirectory() as tmp:
-                t0 = time.perf_counter()
-                m = build_index(x, Path(tmp) / "i", cfg)
-                build_s = time.perf_counter() - t0
-                prof = budget_profile(m)
-                budget = max(prof["index_bytes"] // 8, prof["largest_shard_bytes"])
-                for nprobe in (config.nprobe, *config.more_nprobe) if kind == "ivfpq" else (config.nprobe,):
-                    ours = ShardedIndex(Path(tmp) / "i", budget_bytes=budget, nprobe=nprobe)
-                    found, secs = _one_at_a_time(ours.search, queries)
-                    st = ours.stats
-                    free = ShardedIndex(Path(tmp) / "i", nprobe=nprobe)
-                    _, free_secs = _one_at_a_time(free.search, queries)
-                    del ours, free
-                    peer = faiss.read_index(str(Path(tmp) / "i" / "head.faiss"))
-                    peer.add(x)
-                    faiss.extract_index_ivf(peer).nprobe = min(nprobe, m["nlist"] or 1)
-                    peer_found, peer_secs = _one_at_a_time(peer.search, queries)
-                    # In RAM: the serialized index and IVF-PQ's precomputed distance tables (not serialized)
-                    tables = faiss.downcast_index(faiss.extract_index_ivf(peer)).precomputed_table.size()
-                    peer_bytes = faiss.serialize_index(peer).size + 4 * tables
-                    del peer
-                    rows.append({
-                        "kind": kind, "compression": c, "factory": m["factory"], "code_bytes": m["code_bytes"],
-                        "nprobe": nprobe if kind == "ivfpq" else None,
-                        "index_bytes": prof["index_bytes"], "head_bytes": prof["head_bytes"], "shards": len(m["shards"]),
-                        "budget_bytes": budget, "build_s": build_s,
-                        "recall": _recall(found, truth), "peer_recall": _recall(peer_found, truth),
-                        "p50_ms": 1e3 * statistics.median(secs), "p99_ms": 1e3 * float(np.percentile(secs, 99)),
-                        "free_p50_ms": 1e3 * statistics.median(free_secs),
-                        "peer_p50_ms": 1e3 * statistics.median(peer_secs), "peer_p99_ms": 1e3 * float(np.percentile(peer_secs, 99)),
-                        "resident_bytes": prof["head_bytes"] + st.peak_open_bytes, "peer_bytes": peer_bytes,
-                        "loads_per_query": st.shard_loads / len(queries),
-                    })  # fmt: skip
+    builds = [(c, kind, 8) for c in config.compressions for kind in ("pq", "ivfpq")]
+    builds += [(c, "ivfpq", 12) for c in config.wide_codes]
+    for i, (c, kind, bits) in enumerate(builds):
+        report(f"index {kind} {c}x" + (f" {bits}-bit" if bits != 8 else ""), i, len(builds))
+        cfg = IndexConfig(kind=kind, metric="l2", bytes_per_vector=4 * dim // c,  # type: ignore[arg-type]
+                          shard_vectors=-(-n // config.shards), nprobe=config.nprobe, pq_bits=bits)  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            m = build_index(x, Path(tmp) / "i", cfg)
+            build_s = time.perf_counter() - t0
+            prof = budget_profile(m)
+            budget = max(prof["index_bytes"] // 8, prof["largest_shard_bytes"])
+            for nprobe in (config.nprobe, *config.more_nprobe) if kind == "ivfpq" else (config.nprobe,):
+                ours = ShardedIndex(Path(tmp) / "i", budget_bytes=budget, nprobe=nprobe)
+                found, secs = _one_at_a_time(ours.search, queries)
+                st = ours.stats
+                free = ShardedIndex(Path(tmp) / "i", nprobe=nprobe)
+                _, free_secs = _one_at_a_time(free.search, queries)
+                del ours, free
+                peer = faiss.read_index(str(Path(tmp) / "i" / "head.faiss"))
+                peer.add(x)
+                faiss.extract_index_ivf(peer).nprobe = min(nprobe, m["nlist"] or 1)
+                peer_found, peer_secs = _one_at_a_time(peer.search, queries)
+                # In RAM: the serialized index and IVF-PQ's precomputed distance tables (not serialized)
+                tables = faiss.downcast_index(faiss.extract_index_ivf(peer)).precomputed_table.size()
+                peer_bytes = faiss.serialize_index(peer).size + 4 * tables
+                del peer
+                rows.append({
+                    "kind": kind, "compression": c, "factory": m["factory"], "code_bytes": m["code_bytes"],
+                    "nprobe": nprobe if kind == "ivfpq" else None,
+                    "index_bytes": prof["index_bytes"], "head_bytes": prof["head_bytes"], "shards": len(m["shards"]),
+                    "budget_bytes": budget, "build_s": build_s,
+                    "recall": _recall(found, truth), "peer_recall": _recall(peer_found, truth),
+                    "p50_ms": 1e3 * statistics.median(secs), "p99_ms": 1e3 * float(np.percentile(secs, 99)),
+                    "free_p50_ms": 1e3 * statistics.median(free_secs),
+                    "peer_p50_ms": 1e3 * statistics.median(peer_secs), "peer_p99_ms": 1e3 * float(np.percentile(peer_secs, 99)),
+                    "resident_bytes": prof["head_bytes"] + st.peak_open_bytes, "peer_bytes": peer_bytes,
+                    "loads_per_query": st.shard_loads / len(queries),
+                })  # fmt: skip
     return rows
 
 
@@ -446,26 +448,35 @@ def render_retrieval_section(rep: RetrievalReport) -> str:
         '"all loaded": the same with no budget. Peer: the same trained index with every vector added, '
         "wholly in RAM in faiss, with IVF-PQ's precomputed distance tables (lists x sub-quantizers x 256 floats, "
         "counted in its RAM); ours keeps none and computes each probed list's table per query. IVF: lists "
-        "visited per query (nprobe) as given; more lists read more shards and find more of the true neighbours. Resident: the head plus the peak bytes of shards "
-        "held (the controller's account of the bytes it keeps loaded).",
+        "visited per query (nprobe) as given; more lists read more shards and find more of the true neighbours. "
+        + (
+            f"At {', '.join(f'{w}x' for w in c.wide_codes)} again with `x12` codes: 12-bit sub-quantizers (4096 "
+            "centroids each), two thirds as many in the same bytes; faiss builds no precomputed tables past 2 GB "
+            "(lists x sub-quantizers x 4096 floats), so there the peer computes them per query too. "
+            if c.wide_codes
+            else ""
+        )
+        + "Resident: the head plus the "
+        "peak bytes of shards held (the controller's account of the bytes it keeps loaded). Build: training "
+        "(OPQ, lists, codebooks) and adding every vector.",
         "",
         "| index | smaller than float32 | recall@10 | peer recall@10 | p50 ms | p99 ms | all loaded p50 ms | "
-        "peer p50 ms | peer p99 ms | index | budget | resident | peer in RAM | shard loads / query |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "peer p50 ms | peer p99 ms | index | budget | resident | peer in RAM | shard loads / query | build s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rep.indices:
         lines.append(
             f"| {r['kind']} `{r['factory']}`{_probe(r)} | {r['compression']}x ({r['code_bytes']} B) | {r['recall']:.3f} | "
             f"{r['peer_recall']:.3f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['free_p50_ms']:.2f} | "
             f"{r['peer_p50_ms']:.2f} | {r['peer_p99_ms']:.2f} | {_mb(r['index_bytes'])} | {_mb(r['budget_bytes'])} | "
-            f"{_mb(r['resident_bytes'])} | {_mb(r['peer_bytes'])} | {r['loads_per_query']:.1f} |"
+            f"{_mb(r['resident_bytes'])} | {_mb(r['peer_bytes'])} | {r['loads_per_query']:.1f} | {r['build_s']:.0f} |"
         )
     at = [r for r in rep.indices if r["compression"] == RECALL_AT]
     if at:
         best = max(at, key=lambda r: r["recall"])
         met = "met" if best["recall"] >= RECALL_TARGET else "not met"
         lines += ["", f"Target recall@10 >= {RECALL_TARGET} at {RECALL_AT}x: best {best['recall']:.3f} "
-                  f"({best['kind']}{_probe(best)}): {met}."]  # fmt: skip
+                  f"({best['kind']} `{best['factory']}`{_probe(best)}): {met}."]  # fmt: skip
     k = rep.knn
     gain = 100 * (1 - k["ppl_knn"] / k["ppl_lm"])
     build_s = k["datastore_tokens"] / rep.states_tok_s + k["index_s"]

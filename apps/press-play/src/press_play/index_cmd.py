@@ -35,6 +35,12 @@ def build(
     bytes_per_vector: Annotated[
         int | None, typer.Option("--bytes-per-vector", min=1, help="PQ code size; default: from --size.")
     ] = None,
+    pq_bits: Annotated[
+        int,
+        typer.Option(
+            "--pq-bits", min=4, max=16, help="Bits per PQ sub-quantizer (12: closer codes, slower)."
+        ),
+    ] = 8,
     size: Annotated[
         str | None, typer.Option("--size", help="Target index size (64MB, ...); picks kind and code.")
     ] = None,
@@ -61,7 +67,7 @@ def build(
         target = None if size is None else parse_size(size, "--size")
         budget_bytes = None if budget is None else parse_size(budget, "--budget")
         config = IndexConfig(kind=kind, bytes_per_vector=bytes_per_vector, target_bytes=target,  # type: ignore[arg-type]
-                             shard_vectors=shard_vectors)  # fmt: skip
+                             shard_vectors=shard_vectors, pq_bits=pq_bits)  # fmt: skip
         meta = {"source": str(source)}
         with _bar() as bar:
             task = bar.add_task("embedding", total=None)
@@ -146,6 +152,12 @@ def datastore(
     bytes_per_vector: Annotated[
         int | None, typer.Option("--bytes-per-vector", min=1, help="PQ code size.")
     ] = None,
+    pq_bits: Annotated[
+        int,
+        typer.Option(
+            "--pq-bits", min=4, max=16, help="Bits per PQ sub-quantizer (12: closer codes, slower)."
+        ),
+    ] = 8,
     context: Annotated[int, typer.Option("--context", min=2, help="Window the text runs in.")] = 512,
 ) -> None:
     """A kNN-LM datastore: the model's hidden state at every position of the text, keyed to the next
@@ -158,7 +170,7 @@ def datastore(
 
         lm = omni_model.load(model)
         docs = [lm.tokenizer.encode(f.read_text(encoding="utf-8")) for f in text_files(source)]
-        config = IndexConfig(kind=kind, metric="l2", bytes_per_vector=bytes_per_vector)  # type: ignore[arg-type]
+        config = IndexConfig(kind=kind, metric="l2", bytes_per_vector=bytes_per_vector, pq_bits=pq_bits)  # type: ignore[arg-type]
         with _bar() as bar:
             task = bar.add_task("hidden states", total=None)
             m = build_datastore(lm.model, docs, out_dir, config, context=min(context, lm.config.max_seq_len),
