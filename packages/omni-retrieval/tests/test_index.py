@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from omni_retrieval import IndexConfig, RetrievalError, ShardedIndex, build_index, read_manifest
-from omni_retrieval.index import plan
+from omni_retrieval.index import plan, train_size
 
 
 def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -113,6 +113,14 @@ def test_plan_from_a_target_size():
     assert plan(64, 100_000, IndexConfig(target_bytes=100_000 * 16)).kind == "ivfpq"
     assert plan(64, 1000, IndexConfig(target_bytes=1000 * 300)).kind == "flat"
     assert plan(48, 1000, IndexConfig(kind="pq", bytes_per_vector=10)).m == 8  # largest divisor of 48 <= 10
+
+
+def test_wide_codebooks_learn_from_39_points_per_centroid():
+    cfg = IndexConfig()
+    assert train_size(200_000, 8, cfg) == 65536  # the configured sample
+    assert train_size(200_000, 12, cfg) == 39 * 4096  # faiss's minimum for 4096 centroids
+    assert train_size(100_000, 12, cfg) == 100_000  # never more than there are
+    assert train_size(200_000, 12, IndexConfig(train_vectors=180_000)) == 180_000
 
 
 def test_build_is_atomic_and_never_overwrites_other_folders(tmp_path):
