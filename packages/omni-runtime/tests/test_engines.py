@@ -78,6 +78,21 @@ def test_chunked_prefill_equals_one_call(exported):
     assert np.abs(chunked.forward(ids)[-1] - whole[-1]).max() <= 1e-4
 
 
+def test_short_multi_row_calls_reuse_a_binding_and_return_their_own_rows(exported):
+    """Verification-sized calls share one binding per row count and one logits buffer: what a call
+    returned must survive the next call, and every call must match a fresh engine's rows."""
+    ids = list(np.random.default_rng(4).integers(0, 256, 24))
+    whole = OrtEngine(exported[1]).forward(ids, last_only=False)
+    e = OrtEngine(exported[1])
+    e.forward(ids[:12])
+    parts = [e.forward(ids[s : s + 4], last_only=False) for s in (12, 16, 20)]  # one binding, three calls
+    assert np.abs(np.concatenate(parts) - whole[12:]).max() <= 1e-4
+    e.rollback(8)
+    again = e.forward(ids[16:19], last_only=False)  # a second row count, then back to one row
+    assert np.abs(again - whole[16:19]).max() <= 1e-4
+    assert np.abs(e.forward([ids[19]]) - whole[19]).max() <= 1e-4
+
+
 def test_greedy_generation_is_identical_across_engines(exported):
     hf, folder, _ = exported
     lm = omni_model.load(hf)

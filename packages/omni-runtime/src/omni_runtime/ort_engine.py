@@ -65,6 +65,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return m
 
 
+ROW_BINDINGS = 17  # calls of up to this many rows keep their binding: a token and MAX_DRAFT_TOKENS drafts
+
+
 class OrtEngine:
     name = "onnx"
 
@@ -154,11 +157,18 @@ class OrtEngine:
             if self.has_hidden else None
         )  # fmt: skip
         self._last_binding = self._bind(self._last)
+        # Short multi-row calls (speculative verification: the last token and its drafts) reuse one
+        # binding per row count, bound to the first rows of one preallocated logits buffer, instead of
+        # binding every cache buffer again each call. float32 caches only: int8 and latent caches bind
+        # fresh outputs each call anyway.
+        self._rows_logits = np.zeros((1, ROW_BINDINGS, self.vocab_size), np.float32)
+        self._rows_hidden = np.zeros((1, ROW_BINDINGS, self.hidden_size or 0), np.float32)
+        self._row_bindings: dict[int, ort.SessionIOBinding] = {}
         self._hidden = np.zeros(
             (0, self.hidden_size or 0), np.float32
         )  # the last call's, when the graph has them
 
-    def _bind(self, logits: ort.OrtValue | None, hidden: bool = False) -> ort.SessionIOBinding:
+    def _bind(self, logits: ort.OrtValue | None, hidden: ort.OrtValue | None = None) -> ort.SessionIOBinding:
         b = self.session.io_binding()
         if logits is None:
             b.bind_output("logits", "cpu")  # first, so that it is get_outputs()[0]
@@ -166,7 +176,7 @@ class OrtEngine:
             b.bind_ortvalue_output("logits", logits)
         if self.has_hidden:  # an output left unbound would still be computed and allocated
             if logits is not None:
-                b.bind_ortvalue_output("hidden_states", self._last_hidden)
+                b.bind_ortvalue_output("hidden_states", self._last_hidden if hidden is None else hidden)
             else:
                 b.bind_output("hidden_states", "cpu")  # get_outputs()[1]
         for i, layer in enumerate(self._kv):
@@ -268,7 +278,13 @@ class OrtEngine:
 
     def _run(self, x: np.ndarray, last_only: bool, media: np.ndarray | None = None) -> np.ndarray:
         n = x.shape[1]
-        b = self._last_binding if last_only else self._bind(None)
+        rows = not last_only and not self._append and n <= ROW_BINDINGS
+        if last_only:
+            b = self._last_binding
+        elif rows:
+            b = self._row_bindings.get(n) or self._row_binding(n)
+        else:
+            b = self._bind(None)
         b.bind_cpu_input("input_ids", x)
         b.bind_cpu_input("attention_mask", self._mask[:, : self._len + n])
         b.bind_cpu_input("logits_to_keep", self._keep[last_only])
@@ -288,10 +304,20 @@ class OrtEngine:
             if self.has_hidden:
                 self._hidden = self._last_hidden.numpy()[0].copy()  # type: ignore[union-attr]
             return self._last.numpy()[0].copy()  # (1, V); the buffer is reused by the next step
+        if rows:  # copies: the buffers are reused by the next call
+            if self.has_hidden:
+                self._hidden = self._rows_hidden[0, :n].copy()
+            return self._rows_logits[0, :n].copy()
         outs = b.get_outputs()
         if self.has_hidden:
             self._hidden = outs[1].numpy()[0]
         return outs[0].numpy()[0]  # (T, V)
+
+    def _row_binding(self, n: int) -> ort.SessionIOBinding:
+        logits = ort.OrtValue.ortvalue_from_numpy(self._rows_logits[:, :n])
+        hidden = ort.OrtValue.ortvalue_from_numpy(self._rows_hidden[:, :n]) if self.has_hidden else None
+        self._row_bindings[n] = b = self._bind(logits, hidden)
+        return b
 
     def rollback(self, n: int) -> None:
         if not 0 <= n <= self._len:

@@ -221,8 +221,11 @@ def speculative_generate(
         else:
             draft = _prune(draft, k)
         if draft.parents is None or not draft.tokens:
-            logits, hidden = run([*pending, token, *draft.tokens])
-            logits, hidden = logits[len(pending) :], None if hidden is None else hidden[len(pending) :]
+            if draft.tokens:
+                logits, hidden = run([*pending, token, *draft.tokens])
+                logits, hidden = logits[len(pending) :], None if hidden is None else hidden[len(pending) :]
+            else:  # nothing to verify: a plain step, which needs only the last row
+                logits, hidden = run([*pending, token], last_only=True)
             n, token = verify(logits, Draft(draft.tokens, draft.q), seen, pick)
             engine.rollback(len(draft.tokens) - n)
             kept, pending = draft.tokens[:n], []
