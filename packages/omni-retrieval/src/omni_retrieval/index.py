@@ -235,6 +235,11 @@ def build_index(
         pq = getattr(ivf, "pq", None)
         if pq is not None:
             pq.cp.min_points_per_centroid = min(39, len(sample) // pq.ksub)
+            # faiss's factory turns on polysemous training (renumbering each codebook so that Hamming
+            # distances between codes follow real ones) for IVF-PQ. Nothing here searches by Hamming
+            # distance, and for 4096-centroid (12-bit) codebooks its annealing ran for over half an
+            # hour on the retrieval bench's 576-dim vectors without finishing.
+            ivf.do_polysemous_training = False
         with _blas_assignment():
             head.train(sample)
         faiss.write_index(head, str(tmp / HEAD))
