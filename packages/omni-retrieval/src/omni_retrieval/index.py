@@ -126,7 +126,7 @@ def plan(dim: int, n: int, config: IndexConfig) -> Plan:
         raise RetrievalError(
             f"a PQ index of {bits}-bit codes needs at least {1 << bits} vectors to train; got {n}"
         )
-    return Plan(kind, m, nlist, config.opq and min(n, config.train_vectors) >= OPQ_MIN_VECTORS, bits)
+    return Plan(kind, m, nlist, config.opq and train_size(n, bits, config) >= OPQ_MIN_VECTORS, bits)
 
 
 def train_size(n: int, bits: int, config: IndexConfig) -> int:

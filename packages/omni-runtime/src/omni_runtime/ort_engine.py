@@ -147,36 +147,32 @@ class OrtEngine:
         self._keep = {True: np.array(1, np.int64), False: np.array(0, np.int64)}
         # media_embeds rows for text-only calls (decode steps): zeros, never read at text positions
         self._no_media = np.zeros((1, prefill_chunk if self.has_media else 0, self.dim), np.float32)
-        # Calls that keep only the last position's logits (every decode step) share one binding made
-        # once: cache buffers as past and present, and a preallocated (1, 1, V) logits buffer; a step
-        # rebinds only the three small inputs.
-        self._last = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.vocab_size), np.float32))
+        # Calls of up to ROW_BINDINGS rows keep one binding per row count, made once: cache buffers as
+        # past and present, and the first rows of one preallocated logits (and hidden-state) buffer; a
+        # call rebinds only the small inputs. Every decode step (the last position's logits: one row)
+        # and every speculative verification (a token and its drafts) is such a call. float32 caches
+        # only for several rows: int8 and latent caches bind fresh outputs each call anyway.
         self.hidden_size = m["config"].get("dim") if self.has_hidden else None
-        self._last_hidden = (
-            ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, self.hidden_size), np.float32))
-            if self.has_hidden else None
-        )  # fmt: skip
-        self._last_binding = self._bind(self._last)
-        # Short multi-row calls (speculative verification: the last token and its drafts) reuse one
-        # binding per row count, bound to the first rows of one preallocated logits buffer, instead of
-        # binding every cache buffer again each call. float32 caches only: int8 and latent caches bind
-        # fresh outputs each call anyway.
         self._rows_logits = np.zeros((1, ROW_BINDINGS, self.vocab_size), np.float32)
         self._rows_hidden = np.zeros((1, ROW_BINDINGS, self.hidden_size or 0), np.float32)
         self._row_bindings: dict[int, ort.SessionIOBinding] = {}
+        self._row_binding(1)
         self._hidden = np.zeros(
             (0, self.hidden_size or 0), np.float32
         )  # the last call's, when the graph has them
 
-    def _bind(self, logits: ort.OrtValue | None, hidden: ort.OrtValue | None = None) -> ort.SessionIOBinding:
+    def _bind(self, rows: int | None) -> ort.SessionIOBinding:
+        """Cache buffers bound as past and present; logits (and hidden states) into the first `rows`
+        rows of the preallocated buffers, or, with None, into fresh outputs."""
         b = self.session.io_binding()
-        if logits is None:
+        if rows is None:
             b.bind_output("logits", "cpu")  # first, so that it is get_outputs()[0]
         else:
-            b.bind_ortvalue_output("logits", logits)
+            b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self._rows_logits[:, :rows]))
         if self.has_hidden:  # an output left unbound would still be computed and allocated
-            if logits is not None:
-                b.bind_ortvalue_output("hidden_states", self._last_hidden if hidden is None else hidden)
+            if rows is not None:
+                hidden = ort.OrtValue.ortvalue_from_numpy(self._rows_hidden[:, :rows])
+                b.bind_ortvalue_output("hidden_states", hidden)
             else:
                 b.bind_output("hidden_states", "cpu")  # get_outputs()[1]
         for i, layer in enumerate(self._kv):
@@ -278,13 +274,8 @@ class OrtEngine:
 
     def _run(self, x: np.ndarray, last_only: bool, media: np.ndarray | None = None) -> np.ndarray:
         n = x.shape[1]
-        rows = not last_only and not self._append and n <= ROW_BINDINGS
-        if last_only:
-            b = self._last_binding
-        elif rows:
-            b = self._row_bindings.get(n) or self._row_binding(n)
-        else:
-            b = self._bind(None)
+        rows = 1 if last_only else n if not self._append and n <= ROW_BINDINGS else 0
+        b = (self._row_bindings.get(rows) or self._row_binding(rows)) if rows else self._bind(None)
         b.bind_cpu_input("input_ids", x)
         b.bind_cpu_input("attention_mask", self._mask[:, : self._len + n])
         b.bind_cpu_input("logits_to_keep", self._keep[last_only])
@@ -300,23 +291,17 @@ class OrtEngine:
                 for a in layer.values():
                     a[:, :, self._len : self._len + n] = next(new).numpy()
         self._len += n
-        if last_only:
+        if rows:  # (rows, V) copies: the buffers are reused by the next call
             if self.has_hidden:
-                self._hidden = self._last_hidden.numpy()[0].copy()  # type: ignore[union-attr]
-            return self._last.numpy()[0].copy()  # (1, V); the buffer is reused by the next step
-        if rows:  # copies: the buffers are reused by the next call
-            if self.has_hidden:
-                self._hidden = self._rows_hidden[0, :n].copy()
-            return self._rows_logits[0, :n].copy()
+                self._hidden = self._rows_hidden[0, :rows].copy()
+            return self._rows_logits[0, :rows].copy()
         outs = b.get_outputs()
         if self.has_hidden:
             self._hidden = outs[1].numpy()[0]
         return outs[0].numpy()[0]  # (T, V)
 
-    def _row_binding(self, n: int) -> ort.SessionIOBinding:
-        logits = ort.OrtValue.ortvalue_from_numpy(self._rows_logits[:, :n])
-        hidden = ort.OrtValue.ortvalue_from_numpy(self._rows_hidden[:, :n]) if self.has_hidden else None
-        self._row_bindings[n] = b = self._bind(logits, hidden)
+    def _row_binding(self, rows: int) -> ort.SessionIOBinding:
+        self._row_bindings[rows] = b = self._bind(rows)
         return b
 
     def rollback(self, n: int) -> None:
