@@ -27,14 +27,17 @@ def _heads(model_dir, out, dim=None):
 
 
 def test_speculative_generate_matches_plain_on_both_engines(tiny_model_dir, tmp_path):
-    onnx = tmp_path / "onnx"
-    r = runner.invoke(
-        cli.app, ["export", "--model", str(tiny_model_dir), "--out", str(onnx), "--weights", "float32"]
-    )
-    assert r.exit_code == 0, r.output
+    onnx, int4 = tmp_path / "onnx", tmp_path / "int4"
+    for out, weights in ((onnx, "float32"), (int4, "int4")):
+        r = runner.invoke(
+            cli.app, ["export", "--model", str(tiny_model_dir), "--out", str(out), "--weights", weights]
+        )
+        assert r.exit_code == 0, r.output
     heads = _heads(tiny_model_dir, tmp_path / "heads")
-    for model in (tiny_model_dir, onnx):
-        plain = runner.invoke(cli.app, [*GEN, "--model", str(model)])
+    for model in (tiny_model_dir, onnx, int4):  # ONNX: plain --exact, as --speculative runs by default
+        plain = runner.invoke(
+            cli.app, [*GEN, "--model", str(model), *(["--exact"] if model != tiny_model_dir else [])]
+        )
         assert plain.exit_code == 0, plain.output
         for spec in ("lookup", "lookup:2", f"draft:{tiny_model_dir}", f"heads:{heads}"):
             r = runner.invoke(
@@ -50,9 +53,11 @@ def test_speculative_generate_matches_plain_on_both_engines(tiny_model_dir, tmp_
     assert tree.stdout == runner.invoke(cli.app, [*GEN, "--model", str(tiny_model_dir)]).stdout
     r = runner.invoke(cli.app, [*GEN, "--model", str(onnx), "--speculative", f"heads-tree:{heads}"])
     assert r.exit_code == 1 and "tree verification runs on the PyTorch engine" in r.output
-    # the heads' ONNX form was made once, beside them, for that export
+    # the heads' ONNX form was made once per export, beside them
     made = [p for p in heads.iterdir() if p.name.startswith("onnx-")]
-    assert len(made) == 1 and json.loads((made[0] / "heads-manifest.json").read_text())["n_heads"] == 2
+    assert len(made) == 2 and all(
+        json.loads((m / "heads-manifest.json").read_text())["n_heads"] == 2 for m in made
+    )
 
 
 def test_bad_speculative_input_is_one_line(tiny_model_dir, tmp_path):
@@ -65,6 +70,7 @@ def test_bad_speculative_input_is_one_line(tiny_model_dir, tmp_path):
         ("--draft-tokens", "5"): "--draft-tokens needs --speculative",
         ("--speculative", f"heads:{wrong}"): "heads trained for another base",
         ("--speculative", f"heads:{tmp_path}"): "not a Medusa heads folder",
+        ("--exact",): "--exact: for the ONNX engine",
     }
     for args, message in cases.items():
         r = runner.invoke(cli.app, [*GEN, "--model", str(tiny_model_dir), *args])

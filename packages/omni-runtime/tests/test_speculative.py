@@ -297,6 +297,41 @@ def test_onnx_int8_kv_graph_rolls_back_exactly(models, tmp_path):
             assert r.speculation.drafted > r.speculation.accepted
 
 
+def test_exact_engine_computes_a_position_the_same_in_any_call(models, tmp_path):
+    """4-bit weights, int8 activations: with `exact`, a position's logits and hidden state are the same
+    bits whether a call computes it alone, as a decode step, or among 2..6 rows (a verification), and
+    greedy speculative output equals plain greedy output for every draft length."""
+    lm = omni_model.load(models / "hf")
+    cfg = ExportConfig(weights="int4", parity_prompt_tokens=8, parity_decode_tokens=2)
+    export_onnx(models / "hf", tmp_path / "int4", cfg, parity_text=TEXT)
+    e = OrtEngine(tmp_path / "int4", exact=True)
+    ids = lm.tokenizer.encode(TEXT)[:40]
+    e.forward(ids[:10])
+    steps = [e.forward_hidden([t], last_only=True) for t in ids[10:]]
+    one_logits = np.concatenate([s[0] for s in steps])
+    one_hidden = np.concatenate([s[1] for s in steps])
+    assert one_logits.shape == (30, lm.config.vocab_size) and e.seq_len == 40
+    for rows in (2, 3, 6):
+        e.rollback(30)
+        parts = [e.forward_hidden(ids[s : min(s + rows, 40)]) for s in range(10, 40, rows)]
+        assert np.array_equal(np.concatenate([p[0] for p in parts]), one_logits), rows
+        assert np.array_equal(np.concatenate([p[1] for p in parts]), one_hidden), rows
+    e.rollback(1)  # a last-row-only call of one token is padded too
+    assert np.array_equal(e.forward([ids[-1]])[0], one_logits[-1])
+    full = OrtEngine(tmp_path / "int4", exact=True, max_seq_len=12)  # no room for the copy: one row alone
+    full.forward(ids[:11])
+    assert full.forward([ids[11]]).shape == (1, lm.config.vocab_size) and full.seq_len == 12
+    for prompt in _prompts(lm):
+        plain = generate(e, prompt, GREEDY)
+        for proposer in (
+            PromptLookup(min_ngram=1),
+            DraftModel(TorchEngine(omni_model.load(models / "draft")), lm.config.vocab_size),
+        ):
+            for k in (1, 3, 5):
+                r = generate(e, prompt, GREEDY, speculative=proposer, draft_tokens=k)
+                assert r.token_ids == plain.token_ids, (proposer.name, k)
+
+
 def test_tree_verification_is_greedy_identical_on_the_torch_engine(models):
     lm = omni_model.load(models / "hf")
     heads = TorchHeads(lm, models / "heads")

@@ -1,9 +1,10 @@
 """One decoding mode over a set of prompts, in a process of its own: `python bench_spec_worker.py < spec.json`.
 
-Plain greedy decoding or speculative decoding with one proposer, on omni_runtime's ONNX engine (numpy
-and onnxruntime only: no torch in the process, so its peak RSS is the runtime's, the draft model's or
-heads' included). One untimed warm-up generation, then each prompt once. Prints one JSON line: per
-prompt the tokens, the decode seconds and the speculation counts; the process's peak RSS.
+Plain greedy decoding or speculative decoding with one proposer, on omni_runtime's ONNX engine, `exact`
+or not (see OrtEngine); numpy and onnxruntime only: no torch in the process, so its peak RSS is the
+runtime's, the draft model's or heads' included. One untimed warm-up generation, then each prompt
+once. Prints one JSON line: per prompt the tokens, the decode seconds and the speculation counts; the
+process's peak RSS.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def main() -> None:
     from omni_runtime.speculative import DraftModel, HeadsProposer, PromptLookup
 
     threads = spec["threads"]
-    engine = OrtEngine(spec["model"], threads=threads)
+    engine = OrtEngine(spec["model"], threads=threads, exact=spec.get("exact", False))
     kind, _, arg = spec["mode"].partition(":")
     proposer = None
     if kind == "lookup":

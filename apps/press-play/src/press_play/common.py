@@ -102,11 +102,13 @@ def open_runner(
     kv: str | None = None,
     knn: str | None = None,
     knn_settings: str | None = None,
+    exact: bool = False,
 ) -> Runner:
     """`engine` "torch" loads the model with omni_model; "onnx" opens an exported folder (press-play
     export) with ONNX Runtime; "executorch" an ExecuTorch export (press-play export --format executorch)
     with executorch.runtime; "auto" picks by the folder's manifest, torch for anything else. `kv`: the
-    PyTorch engine's cache kind (omni_kv.CacheSpec text, e.g. int8, kivi, sink:window=1024)."""
+    PyTorch engine's cache kind (omni_kv.CacheSpec text, e.g. int8, kivi, sink:window=1024). `exact`: the
+    ONNX engine computes one token as two rows (OrtEngine's `exact`)."""
     if engine not in ("auto", "torch", "onnx", "executorch"):
         raise DataError(f"--engine {engine}: must be auto, torch, onnx or executorch")
     if engine == "auto" and is_exported(source):
@@ -134,7 +136,7 @@ def open_runner(
             from omni_runtime.ort_engine import OrtEngine
 
             with err.status(f"opening {escape(source)} with ONNX Runtime"):
-                opened: Engine = OrtEngine(source, threads=settings.threads)
+                opened: Engine = OrtEngine(source, threads=settings.threads, exact=exact)
             kind = "ONNX"
         else:
             from omni_runtime.executorch_engine import ExecuTorchEngine

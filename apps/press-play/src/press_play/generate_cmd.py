@@ -149,6 +149,15 @@ def generate(
     draft_tokens: Annotated[
         int, typer.Option("--draft-tokens", help="Most drafts one forward verifies (1..16).")
     ] = 4,
+    exact: Annotated[
+        bool | None,
+        typer.Option(
+            "--exact/--no-exact",
+            help="ONNX engine: run a one-token step as two rows, so that every position gets the same logits "
+            "in a step as in a verification and greedy speculative output equals plain output token for "
+            "token (a step costs a second row). On by default with --speculative.",
+        ),
+    ] = None,
     image: Annotated[
         Path | None,
         typer.Option("--image", help="Omni bundle: an image to ask about (read as 28 x 28 grey, resized)."),
@@ -194,7 +203,7 @@ def generate(
         media = {"--image": image, "--audio": audio, "--video": video, "--output-modality": output_modality,
                  "--output": output}  # fmt: skip
         if is_omni_bundle(model) or any(v is not None for v in media.values()):
-            others = {"--kv": kv, "--knn": knn, "--rag": rag, "--speculative": speculative}
+            others = {"--kv": kv, "--knn": knn, "--rag": rag, "--speculative": speculative, "--exact": exact}
             if used := [k for k, v in others.items() if v is not None]:
                 raise DataError(f"{', '.join(used)}: not for an omni bundle")
             if engine not in ("auto", "onnx"):
@@ -209,7 +218,11 @@ def generate(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop or ()),
         )  # fmt: skip
-        runner = open_runner(model, engine, kv, knn, knn_settings)
+        runner = open_runner(
+            model, engine, kv, knn, knn_settings, speculative is not None if exact is None else exact
+        )
+        if exact and runner.engine.name != "onnx":
+            raise DataError(f"--exact: for the ONNX engine (this model runs on {runner.engine.name})")
         proposer = None
         if speculative is not None:
             from press_play.common import open_proposer

@@ -79,6 +79,7 @@ class OrtEngine:
         max_seq_len: int | None = None,
         prefill_chunk: int = 128,
         spin: bool = True,
+        exact: bool = False,
     ) -> None:
         """`prefill_chunk`: a long prompt runs in chunks of this many tokens. Activations scale with
         the chunk and ONNX Runtime's arena keeps its peak. On the SmolLM2 int4 benchmark (512-token
@@ -86,10 +87,18 @@ class OrtEngine:
         one 512-token call, at a prefill rate within the run-to-run noise of 256's. `spin` False: the
         session's idle threads sleep at once instead of spinning for more work (ORT's default), which a
         session that alternates with another in one process, a draft model's, needs: spinning threads
-        take the cores the other session's run needs."""
+        take the cores the other session's run needs.
+
+        `exact`: every position's logits are the same bits whichever call computes it. Each operator of
+        the graph computes a row the same way whatever the row count, except GroupQueryAttention,
+        which takes another kernel for a single query row (up to ~1e-6 apart; int8 activation
+        rounding in the 4-bit matmuls turns that into logits up to ~1 apart). A one-token call
+        therefore runs as two rows, the token and a copy of it whose cache entry is never read. Greedy
+        speculative decoding then reproduces plain decoding token for token; a decode step costs
+        a second row."""
         if prefill_chunk < 1:
             raise EngineError(f"prefill_chunk must be positive, got {prefill_chunk}")
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk, self.exact = prefill_chunk, exact
         self.folder = Path(folder)
         self.manifest = m = read_manifest(self.folder)
         so = ort.SessionOptions()
@@ -146,7 +155,7 @@ class OrtEngine:
         self._mask = np.ones((1, self.max_seq_len), np.int64)
         self._keep = {True: np.array(1, np.int64), False: np.array(0, np.int64)}
         # media_embeds rows for text-only calls (decode steps): zeros, never read at text positions
-        self._no_media = np.zeros((1, prefill_chunk if self.has_media else 0, self.dim), np.float32)
+        self._no_media = np.zeros((1, max(prefill_chunk, 2) if self.has_media else 0, self.dim), np.float32)
         # Calls of up to ROW_BINDINGS rows keep one binding per row count, made once: cache buffers as
         # past and present, and the first rows of one preallocated logits (and hidden-state) buffer; a
         # call rebinds only the small inputs. Every decode step (the last position's logits: one row)
@@ -274,13 +283,17 @@ class OrtEngine:
 
     def _run(self, x: np.ndarray, last_only: bool, media: np.ndarray | None = None) -> np.ndarray:
         n = x.shape[1]
-        rows = 1 if last_only else n if not self._append and n <= ROW_BINDINGS else 0
+        if self.exact and n == 1 and self._len + 2 <= self.max_seq_len:  # two rows: see __init__
+            x, last_only = np.concatenate([x, x], axis=1), False
+            media = None if media is None else np.concatenate([media, np.zeros_like(media)], axis=1)
+        m = x.shape[1]  # rows computed; the first n are kept
+        rows = 1 if last_only else m if not self._append and m <= ROW_BINDINGS else 0
         b = (self._row_bindings.get(rows) or self._row_binding(rows)) if rows else self._bind(None)
         b.bind_cpu_input("input_ids", x)
-        b.bind_cpu_input("attention_mask", self._mask[:, : self._len + n])
+        b.bind_cpu_input("attention_mask", self._mask[:, : self._len + m])
         b.bind_cpu_input("logits_to_keep", self._keep[last_only])
         if self.has_media:
-            b.bind_cpu_input("media_embeds", self._no_media[:, :n] if media is None else media)
+            b.bind_cpu_input("media_embeds", self._no_media[:, :m] if media is None else media)
         if self._append:  # fresh outputs each call: the new tokens' count varies
             for name in self._present_names:
                 b.bind_output(name, "cpu")
@@ -289,16 +302,17 @@ class OrtEngine:
             new = iter(b.get_outputs()[1 + self.has_hidden :])
             for layer in self._buffers:
                 for a in layer.values():
-                    a[:, :, self._len : self._len + n] = next(new).numpy()
+                    a[:, :, self._len : self._len + n] = next(new).numpy()[:, :, :n]
         self._len += n
+        keep = 1 if last_only else n
         if rows:  # (rows, V) copies: the buffers are reused by the next call
             if self.has_hidden:
-                self._hidden = self._rows_hidden[0, :rows].copy()
-            return self._rows_logits[0, :rows].copy()
+                self._hidden = self._rows_hidden[0, :keep].copy()
+            return self._rows_logits[0, :keep].copy()
         outs = b.get_outputs()
         if self.has_hidden:
-            self._hidden = outs[1].numpy()[0]
-        return outs[0].numpy()[0]  # (T, V)
+            self._hidden = outs[1].numpy()[0, :keep]
+        return outs[0].numpy()[0, :keep]  # (T, V)
 
     def _row_binding(self, rows: int) -> ort.SessionIOBinding:
         self._row_bindings[rows] = b = self._bind(rows)

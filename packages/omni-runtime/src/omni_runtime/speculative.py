@@ -8,7 +8,9 @@ draft is always added, so every step yields at least one token. Rejected drafts 
 
 Verification (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318):
 - greedy: a draft is kept when it is the target's argmax, so the output equals plain greedy decoding
-  token for token (up to the engine computing several rows at once in the same way as one);
+  token for token where the engine computes a position the same in a step as among several rows
+  (float32 graphs; an `exact` OrtEngine, whose one-token calls run as two rows: the loop then fills
+  the second row with a one-token guess when the proposer has none);
 - sampling: draft x drawn from q is kept with probability min(1, p(x) / q(x)); on a miss the token is
   drawn from max(p - q, 0), renormalised. Every token then follows the target's p exactly. p and q are
   the processed distributions (repetition penalty, temperature, top-k, top-p, min-p) that plain
@@ -179,6 +181,7 @@ def speculative_generate(
     seen, out = list(prompt_ids), []
     finish: FinishReason = "length"
     steps = drafted = accepted = 0
+    two_rows = getattr(engine, "exact", False)  # an exact OrtEngine runs a one-token call as two rows
 
     def run(
         ids: list[int], parents: list[int] | None = None, last_only: bool = False
@@ -216,6 +219,8 @@ def speculative_generate(
     while not done:
         k = min(draft_tokens, budget - len(out) - 1)
         draft = proposer.propose(seen, k, h, pick) if k > 0 else Draft([])
+        if not draft.tokens and k > 0 and two_rows:  # the engine computes a second row anyway: fill it
+            draft = Draft(_follower(seen))
         if draft.parents is None:
             draft = Draft(draft.tokens[:k], None if draft.q is None else draft.q[:k])
         else:
@@ -253,6 +258,13 @@ def speculative_generate(
         token_ids=tuple(out), finish_reason=finish, prefill_seconds=t_first - t0, decode_seconds=t_end - t_first,
         n_prompt=n_prompt, n_generated=len(out), speculation=stats,
     )  # fmt: skip
+
+
+def _follower(context: Sequence[int]) -> list[int]:
+    """The token that followed the latest earlier occurrence of the last token: a one-token guess."""
+    a = np.asarray(context, np.int64)
+    hits = np.flatnonzero(a[:-1] == a[-1])
+    return [int(a[hits[-1] + 1])] if hits.size else []
 
 
 class PromptLookup:
