@@ -70,7 +70,7 @@ class SpecBenchConfig:
     passage_tokens: int = 120
     max_new_tokens: int = 128
     draft_tokens: int = 3  # heads and draft: a verification of 4 tokens costs ~1.4x a step here, of 5 ~1.9x
-    lookup_tokens: int = 3  # prompt lookup: 3 beat 2 and 5 on both prompt sets here (a row costs ~13% of a step)
+    lookup_tokens: int = 3  # prompt lookup: 3 beat 2 and 5 on both prompt sets (a row: ~13% of a step)
     rounds: int = 3
     threads: int = 2
     heads: int = 4
