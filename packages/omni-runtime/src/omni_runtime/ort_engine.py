@@ -93,9 +93,9 @@ class OrtEngine:
         the graph computes a row the same way whatever the row count, except GroupQueryAttention,
         which takes another kernel for a single query row (up to ~1e-6 apart; int8 activation
         rounding in the 4-bit matmuls turns that into logits up to ~1 apart). A one-token call
-        therefore runs as two rows, the token and a copy of it whose cache entry is never read. Greedy
-        speculative decoding then reproduces plain decoding token for token; a decode step costs
-        a second row."""
+        therefore runs as two rows, the token and a copy of it whose cache entry is never read (except
+        at the last position of the context, where the copy has no room). Greedy speculative decoding
+        then reproduces plain decoding token for token; a decode step costs a second row."""
         if prefill_chunk < 1:
             raise EngineError(f"prefill_chunk must be positive, got {prefill_chunk}")
         self.prefill_chunk, self.exact = prefill_chunk, exact
