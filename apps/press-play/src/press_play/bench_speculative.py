@@ -245,15 +245,8 @@ def run_spec_bench(config: SpecBenchConfig, on_progress: Progress | None = None)
         for set_name, ps in sets.items():
             rows = [x["runs"][start : start + len(ps)] for x in raw[name]]
             plain_rows = [x["runs"][start : start + len(ps)] for x in raw["plain"]]
-            rate = [sum(p["decode_tokens"] for p in rr) / sum(p["decode_s"] for p in rr) for rr in rows]
-            plain_rate = [
-                sum(p["decode_tokens"] for p in rr) / sum(p["decode_s"] for p in rr) for rr in plain_rows
-            ]
-            one_row = [
-                sum(p["decode_tokens"] for p in x["runs"][start : start + len(ps)])
-                / sum(p["decode_s"] for p in x["runs"][start : start + len(ps)])
-                for x in raw.get(ONE_ROW, raw["plain"])
-            ]
+            rate, plain_rate = _rates(rows), _rates(plain_rows)
+            one_row = _rates([x["runs"][start : start + len(ps)] for x in raw.get(ONE_ROW, raw["plain"])])
             steps = sum(p["steps"] for p in rows[0])
             rep.modes[name][set_name] = {
                 "tok_s": statistics.median(rate),
@@ -269,6 +262,11 @@ def run_spec_bench(config: SpecBenchConfig, on_progress: Progress | None = None)
             start += len(ps)
     rep.kernel_gap = kernel_gap(prep["target"], config.threads)
     return rep
+
+
+def _rates(rounds: list[list[dict[str, Any]]]) -> list[float]:
+    """Decode tokens/s of each round: its tokens after the first over its time after the first."""
+    return [sum(p["decode_tokens"] for p in rr) / sum(p["decode_s"] for p in rr) for rr in rounds]
 
 
 def _agreement(runs: list[dict[str, Any]], plain: list[dict[str, Any]]) -> float:
